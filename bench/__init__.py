@@ -1,0 +1,1 @@
+"""Benchmarks: kernels, end-to-end merges, roofs (see bench/README.md)."""

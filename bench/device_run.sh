@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run on a lent GPU machine (the device tool), from the repository root, with .whl carried:
+#   bash bench/device_run.sh [kernels] [e2e]
+# Installs the carried wheels (mergekit and what it needs), builds the C++ extension, then
+# runs the kernel benchmark on CUDA and the end-to-end 1B-family benchmark with --cuda, both
+# next to mergekit in the same run. Everything it prints and writes lands in $OUT.
+set -euo pipefail
+OUT=${OUT:-/tmp/mergecore-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+python3 setup.py build_ext --inplace -q > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+git rev-parse HEAD 2>/dev/null | tee -a "$OUT/device.txt" || true
+steps=${*:-kernels e2e}
+for step in $steps; do
+  case $step in
+    kernels)
+      python3 -m bench.kernels --device cuda --elements 64M --repeats 20 \
+        --results kernels-gpu.jsonl 2>&1 | tee "$OUT/kernels.txt"
+      cp bench/results/kernels-gpu.jsonl "$OUT/" ;;
+    e2e)
+      python3 -m bench.e2e --device cuda --params 1b --methods ties,linear,slerp \
+        --dir /tmp/mergecore-bench --max-memory 4GiB --results e2e-gpu.jsonl 2>&1 | tee "$OUT/e2e.txt"
+      cp bench/results/e2e-gpu.jsonl "$OUT/" ;;
+  esac
+done

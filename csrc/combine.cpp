@@ -1,0 +1,155 @@
+// The fused combine of spec.py, one pass over the inputs per job:
+//   d_i = fl32(x_i) - fl32(base)   (no base: d_i = fl32(x_i))
+//   wd_i = fl32(fl32(coefs[i]) * d_i) if masks[i] keeps the entry else 0
+//   sum:   out = base + sum_i wd_i                              (fp32, model order)
+//   elect: S = sum_i wd_i accumulated in fp64 (model order), so that the elected sign is a
+//          bit-identical decision on every backend, also where S cancels exactly (with one
+//          or two models the fp32 sum has the same sign, and is used instead);
+//          agree_i = wd_i > 0 if S >= 0 else wd_i < 0;
+//          num = sum_i agree_i * wd_i; den = sum_i agree_i * weights[i]   (fp32, model order)
+//          merged = num / den if normalize and den != 0 else num; out = base + lam * merged
+// Each element is independent, so the result is the same for every thread count.
+#include <vector>
+
+#include "items.h"
+#include "kernels.h"
+
+namespace mc {
+
+namespace {
+
+// How a model's terms are accumulated: SUM keeps only the fp32 sum; ELECT32 also stores the
+// terms (for the agreement pass) and takes the sign from the fp32 sum, which for one or two
+// models has the sign of the exact sum, hence of the fp64 sum (fp32 addition of two values is
+// zero only when they cancel exactly); ELECT64 also accumulates the fp64 sum of the terms.
+enum Acc : int { ACC_SUM = 0, ACC_ELECT32 = 1, ACC_ELECT64 = 2 };
+
+// One model's contribution to a tile: wd = coef * d if kept else 0; acc += wd (FIRST: acc =
+// 0 + wd).
+template <int XD, int MK, bool FIRST, int ACC>
+MC_INLINE void model_tile(const void* x, const float* b, uint64_t s, size_t cnt,
+                          const TileMask& tm, float coef, float* wd, float* acc, double* s64) {
+  for (size_t t = 0; t < cnt; ++t) {
+    const float d = ld<XD>(x, s + t) - b[t];
+    const uint32_t key = f32_bits(d) & 0x7FFFFFFFu;
+    const float w = kept<MK>(tm, key, static_cast<uint32_t>(t)) ? coef * d : 0.0f;
+    if constexpr (ACC != ACC_SUM) wd[t] = w;
+    if constexpr (ACC == ACC_ELECT64) {
+      s64[t] = (FIRST ? 0.0 : s64[t]) + static_cast<double>(w);
+    }
+    acc[t] = (FIRST ? 0.0f : acc[t]) + w;
+  }
+}
+
+template <bool FIRST, int ACC>
+MC_INLINE void model_step(const CombineJob& job, size_t i, const float* b, uint64_t s,
+                          size_t cnt, uint32_t* words, float* wd, float* acc, double* s64) {
+  const Mask& mask = job.masks[i];
+  const TileMask tm = tile_mask(mask, s, cnt, words);
+  with_dtype(job.xs[i].dtype, [&](auto xd) MC_LAMBDA {
+    constexpr int XD = decltype(xd)::value;
+    if constexpr (XD != NONE) {
+      with_mask_kind(mask.kind, [&](auto mk) MC_LAMBDA {
+        model_tile<XD, decltype(mk)::value, FIRST, ACC>(job.xs[i].ptr, b, s, cnt, tm,
+                                                        job.coefs[i], wd, acc, s64);
+      });
+    }
+  });
+}
+
+template <int ACC>
+MC_INLINE void models_tile(const CombineJob& job, const float* b, uint64_t s, size_t cnt,
+                           uint32_t* words, float* wd_all, float* acc, double* s64) {
+  const size_t m = job.xs.size();
+  if (m == 0) {
+    for (size_t t = 0; t < cnt; ++t) {
+      acc[t] = 0.0f;
+      s64[t] = 0.0;
+    }
+  }
+  for (size_t i = 0; i < m; ++i) {
+    float* wd = wd_all + i * TILE;
+    if (i == 0) {
+      model_step<true, ACC>(job, i, b, s, cnt, words, wd, acc, s64);
+    } else {
+      model_step<false, ACC>(job, i, b, s, cnt, words, wd, acc, s64);
+    }
+  }
+}
+
+MC_HOT void combine_range(const CombineJob& job, uint64_t start, uint64_t end) {
+  const size_t m = job.xs.size();
+  alignas(64) float b[TILE], acc[TILE], num[TILE], den[TILE], sgn[TILE];
+  alignas(64) double s64[TILE];
+  alignas(64) uint32_t words[TILE];
+  const bool elect = job.mode == MODE_ELECT;
+  std::vector<float> wd_store(elect ? m * TILE : 0);
+  float* wd_all = wd_store.data();
+  const bool has_base = job.base.ptr != nullptr;
+
+  for (uint64_t s = start; s < end; s += TILE) {
+    const size_t cnt = static_cast<size_t>(end - s < TILE ? end - s : TILE);
+    // b = fl32(base), or 0 without a base (then d = x - 0 = x exactly)
+    load_f32(job.base.ptr, code_of(job.base), s, cnt, b);
+    if (!elect) {
+      models_tile<ACC_SUM>(job, b, s, cnt, words, wd_all, acc, s64);
+      if (has_base) {
+        for (size_t t = 0; t < cnt; ++t) acc[t] = b[t] + acc[t];
+      }
+      store_f32(job.out, job.out_dtype, s, cnt, acc);
+      continue;
+    }
+    // elect: the sign of the fp64 sum of the fp32 terms (sgn = +1 or -1) ...
+    if (m <= 2) {
+      models_tile<ACC_ELECT32>(job, b, s, cnt, words, wd_all, acc, s64);
+      for (size_t t = 0; t < cnt; ++t) sgn[t] = acc[t] >= 0.0f ? 1.0f : -1.0f;
+    } else {
+      models_tile<ACC_ELECT64>(job, b, s, cnt, words, wd_all, acc, s64);
+      for (size_t t = 0; t < cnt; ++t) sgn[t] = s64[t] >= 0.0 ? 1.0f : -1.0f;
+    }
+    // ... then the sums over the agreeing models
+    for (size_t i = 0; i < m; ++i) {
+      const float* wd = wd_all + i * TILE;
+      const float w = job.weights[i];
+      const bool first = i == 0;
+      for (size_t t = 0; t < cnt; ++t) {
+        // bitwise, not short-circuit: keeps the loop branch-free (blends, no masked stores)
+        const float v = wd[t];
+        const bool pos = sgn[t] > 0.0f;
+        const bool agree = (pos & (v > 0.0f)) | (!pos & (v < 0.0f));
+        num[t] = (first ? 0.0f : num[t]) + (agree ? v : 0.0f);
+        den[t] = (first ? 0.0f : den[t]) + (agree ? w : 0.0f);
+      }
+    }
+    if (m == 0) {
+      for (size_t t = 0; t < cnt; ++t) {
+        num[t] = 0.0f;
+        den[t] = 0.0f;
+      }
+    }
+    const float lam = job.lam;
+    if (job.normalize) {
+      for (size_t t = 0; t < cnt; ++t) {
+        const float merged = den[t] != 0.0f ? num[t] / den[t] : num[t];
+        acc[t] = b[t] + lam * merged;
+      }
+    } else {
+      for (size_t t = 0; t < cnt; ++t) acc[t] = b[t] + lam * num[t];
+    }
+    store_f32(job.out, job.out_dtype, s, cnt, acc);
+  }
+}
+
+}  // namespace
+
+void combine_many(const std::vector<CombineJob>& jobs) {
+  std::vector<uint64_t> sizes;
+  sizes.reserve(jobs.size());
+  for (const auto& j : jobs) sizes.push_back(j.n);
+  std::vector<Item> items = make_items(sizes, TILE, 64 * TILE, 1024 * TILE);
+  parallel_for(items.size(), [&](size_t i) {
+    combine_range(jobs[items[i].job], items[i].start, items[i].end);
+  });
+}
+
+}  // namespace mc

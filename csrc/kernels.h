@@ -1,0 +1,74 @@
+// The C++ entry points behind mergecore._C (one per batched primitive of
+// mergecore/backends/spec.py). Every function runs all of its jobs in parallel regions over
+// (job, chunk) work items; none of them touches Python objects, so callers release the GIL.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "masks.h"
+
+namespace mc {
+
+struct Lerp2Job {
+  void* out;
+  int out_dtype;
+  Operand a, b;
+  uint64_t n;
+  float c0, c1;
+};
+
+struct SlerpPair {
+  Operand a, b;
+  uint64_t n;
+};
+
+struct L1Job {
+  Operand base, x;  // base.ptr may be null
+  uint64_t n;
+  Mask mask;
+};
+
+struct SelectJob {
+  Operand base, x;  // base.ptr may be null: keys of |x|
+  uint64_t n;
+  std::vector<uint64_t> ks;
+};
+
+enum CombineMode : int { MODE_SUM = 0, MODE_ELECT = 1 };
+
+struct CombineJob {
+  void* out;
+  int out_dtype;
+  Operand base;  // ptr may be null
+  std::vector<Operand> xs;
+  std::vector<Mask> masks;
+  std::vector<float> coefs, weights;
+  uint64_t n;
+  int mode;
+  bool normalize;
+  float lam;
+};
+
+// Every kernel that writes a result computes in fp32 (coefficients rounded to fp32) and rounds
+// once to the output dtype (round-to-nearest-even); no FMA contraction (-ffp-contract=off), so
+// every instruction-set clone gives the same bits.
+
+// out = c0*a + c1*b
+void lerp2_many(const std::vector<Lerp2Job>& jobs);
+// (sum a*a, sum b*b, sum a*b) per pair
+std::vector<std::array<double, 3>> slerp_reduce_many(const std::vector<SlerpPair>& pairs);
+// (L1(d), L1(d * keep)) per job
+std::vector<std::array<double, 2>> masked_l1_many(const std::vector<L1Job>& jobs);
+// exact top-k sets, one per k of each job
+std::vector<std::vector<TopSet>> select_top_many(const std::vector<SelectJob>& jobs);
+// Test hook: jobs of at most small_n elements take the single-item path; grain (0 = automatic)
+// fixes the chunk size of large jobs. Returns the previous (small_n, grain).
+std::pair<uint64_t, uint64_t> select_tuning(uint64_t small_n, uint64_t grain);
+// the fused sum / elect combine
+void combine_many(const std::vector<CombineJob>& jobs);
+
+}  // namespace mc

@@ -1,0 +1,1 @@
+"""Compute backends: ``reference`` (float64 torch), ``cpu`` (C++), ``triton`` (CUDA)."""

@@ -1,0 +1,118 @@
+"""The ``mergecore`` command line: ``merge`` (a drop-in for mergekit-yaml), ``demo``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from mergecore.units import human_bytes, parse_size
+
+
+def _add_merge_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="mergekit YAML (one document, or several separated by ---)")
+    p.add_argument("out_dir", help="output directory (HF layout, safetensors)")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--cuda", action="store_true", help="compute on the GPU (same as --device cuda)")
+    dev.add_argument("--device", default=None, help="compute device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--out-shard-size", default="5B", type=parse_size,
+                   help="bytes per output shard (default 5B = 5e9, like mergekit)")
+    p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
+                   help="copy the tokenizer of the base (or tokenizer_source) model (default)")
+    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
+    p.add_argument("--write-model-card", dest="write_model_card", action="store_true", default=True,
+                   help="write a README.md model card (default)")
+    p.add_argument("--no-write-model-card", dest="write_model_card", action="store_false")
+    p.add_argument("--allow-crimes", action="store_true",
+                   help="allow merging models of different architectures (accepted for mergekit"
+                        " compatibility; shapes are still checked)")
+    p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU kernel threads")
+    p.add_argument("--random-seed", type=int, default=None, help="seed of the DARE random stream")
+    p.add_argument("--max-memory", type=parse_size, default=parse_size("2GiB"),
+                   help="budget for tensors in flight (default 2GiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the plan (tensors, shards, bytes); merge nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    # mergekit flags that have no effect here, accepted so existing command lines keep working
+    for flag in ("--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code", "--clone-tensors",
+                 "--read-to-gpu", "--safe-serialization", "--async-write", "--multi-gpu",
+                 "--gpu-rich"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--transformers-cache", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lora-merge-cache", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergecore",
+        description="Fast merging of LLM weights; a drop-in for mergekit-yaml.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="run a mergekit YAML merge")
+    _add_merge_flags(merge)
+    demo = sub.add_parser("demo", help="generate small example models and merge them")
+    demo.add_argument("dir", nargs="?", default=None, help="work directory (default: a temp dir)")
+    demo.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from mergecore.merge import MergeOptions, run_merge
+
+    if args.num_threads:
+        os.environ["MERGECORE_NUM_THREADS"] = str(args.num_threads)
+    device = "cuda" if args.cuda else (args.device or "cpu")
+    options = MergeOptions(
+        device=device,
+        out_shard_size=args.out_shard_size,
+        copy_tokenizer=args.copy_tokenizer,
+        write_model_card=args.write_model_card,
+        allow_crimes=args.allow_crimes,
+        num_threads=args.num_threads,
+        random_seed=args.random_seed,
+        max_memory=args.max_memory,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        dry_run=args.dry_run,
+        verbose=args.verbose,
+    )
+    result = run_merge(args.config, args.out_dir, options)
+    if not args.quiet and not args.dry_run:
+        s = result.stats
+        rate = s.bytes_read / s.wall / 1e9 if s.wall else 0.0
+        print(
+            f"merged {s.tensors} tensors in {s.wall:.2f} s: read {human_bytes(s.bytes_read)}, "
+            f"wrote {human_bytes(s.bytes_written)} ({rate:.2f} GB/s input) -> {args.out_dir}"
+        )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mergecore.demo import run_demo
+
+    return run_demo(args.dir, quiet=args.quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", 0) > 1 else
+        logging.INFO if getattr(args, "verbose", 0) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {"merge": _cmd_merge, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("mergecore: interrupted; no output was finalized", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        if getattr(args, "verbose", 0):
+            raise
+        print(f"mergecore: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,74 @@
+"""From a YAML file to a validated ``MergePlan``: parse, open the inputs' headers, plan."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergecore.config.errors import ConfigError, Problems
+from mergecore.config.schema import ModelRef, load_config
+
+if TYPE_CHECKING:
+    from mergecore.io.types import Checkpoint
+    from mergecore.plan import MergePlan
+
+
+def open_checkpoints(models: Iterable[ModelRef],
+                     problems: Problems | None = None) -> dict[str, Checkpoint]:
+    """Open each distinct model path's safetensors headers (no tensor data).
+
+    Returns ``{path: Checkpoint}``. Every model that cannot be opened (missing directory,
+    hub id, pickle-only weights, malformed file ...) is a problem: added to ``problems`` when
+    given (the caller raises), else raised at once as a ``ConfigError``. A LoRA adapter path
+    that does not exist is a problem too.
+    """
+    from mergecore.io.checkpoint import open_checkpoint
+
+    own = problems is None
+    problems = Problems() if problems is None else problems
+    out: dict[str, Checkpoint] = {}
+    failed: set[str] = set()
+    for ref in models:
+        if ref.adapter is not None and not Path(ref.adapter).expanduser().exists():
+            problems.add(f"model {ref.ref!r}", f"LoRA adapter path {ref.adapter!r} does not "
+                         "exist")
+        if ref.path in out or ref.path in failed:
+            continue
+        try:
+            out[ref.path] = open_checkpoint(ref.path)
+        except (ValueError, OSError) as exc:  # CheckpointError, SafetensorsError
+            failed.add(ref.path)
+            problems.add(f"model {ref.ref!r}", str(exc))
+    if own:
+        problems.raise_if_any()
+    return out
+
+
+def load_merge(config_path: str | os.PathLike, *, random_seed: int | None = None,
+               allow_crimes: bool = False, out_dtype: str | None = None) -> MergePlan:
+    """Parse ``config_path``, open every input's headers and build the plan.
+
+    Every problem (in the YAML, in the checkpoints, in the plan) is raised as one
+    ``ConfigError`` that names the file. A multi-stage recipe (several documents) is parsed
+    and checked, then refused: running it is not supported yet.
+    """
+    from mergecore.plan import build_plan
+
+    source = os.fspath(config_path)
+    docs = load_config(config_path)
+    if len(docs) > 1:
+        names = ", ".join(d.name or "(final)" for d in docs)
+        raise ConfigError([(f"multi-stage recipes ({len(docs)} documents: {names}) are not "
+                           "supported by mergecore yet; run each stage as its own merge")],
+                          source=source)
+    config = docs[0]
+    problems = Problems()
+    checkpoints = open_checkpoints(config.models_to_open(), problems)
+    problems.raise_if_any(source)
+    try:
+        return build_plan(config, checkpoints, out_dtype=out_dtype, random_seed=random_seed,
+                          allow_crimes=allow_crimes)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source=source) from None

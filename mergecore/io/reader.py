@@ -1,0 +1,243 @@
+"""Positional reads of tensor bytes straight into caller-provided CPU buffers.
+
+``TensorReader.read_into(info, dst)`` copies bytes ``[info.data_start, info.data_start +
+info.nbytes)`` of ``info.file`` into the first ``info.nbytes`` bytes of ``dst`` with
+``pread``-family calls: no intermediate ``bytes`` object, no mmap, so the only copy is the
+kernel's page cache -> ``dst`` (and with ``drop_cache=True`` those cached pages are released
+right after, which keeps resident memory bounded when streaming a model larger than RAM).
+
+The compiled helper ``mergecore._C.pread_into(fd, offset, nbytes, dst_addr, nthreads)`` is
+used when the extension is built; otherwise ``os.preadv`` into a ``memoryview`` of ``dst``,
+split across ``nthreads`` threads for large tensors (``preadv`` releases the GIL).
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mergecore.io.errors import SafetensorsError
+from mergecore.io.types import TensorInfo
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+#: Reads smaller than this are never split across threads.
+SPLIT_MIN_BYTES = 8 << 20
+_PIECE_ALIGN = 1 << 20
+
+_native_cache: list[Callable[..., Any] | None] = []
+
+
+def native_pread() -> Callable[..., Any] | None:
+    """``mergecore._C.pread_into`` if the compiled extension provides it, else None.
+
+    Set ``MERGECORE_IO_NATIVE=0`` to force the pure-Python path.
+    """
+    if not _native_cache:
+        fn = None
+        if os.environ.get("MERGECORE_IO_NATIVE", "1") != "0":
+            try:
+                from mergecore import _C  # type: ignore[attr-defined]
+
+                fn = getattr(_C, "pread_into", None)
+            except ImportError:
+                fn = None
+        _native_cache.append(fn)
+    return _native_cache[0]
+
+
+def byte_view(dst: torch.Tensor) -> torch.Tensor:
+    """A flat ``uint8`` view of a contiguous CPU tensor (no copy); errors otherwise."""
+    if not isinstance(dst, torch.Tensor):
+        raise TypeError(f"destination must be a torch.Tensor, got {type(dst).__name__}")
+    if dst.device.type != "cpu":
+        raise ValueError(f"destination must be a CPU tensor, got device {dst.device}")
+    if not dst.is_contiguous():
+        raise ValueError("destination tensor must be contiguous")
+    t = dst.detach().reshape(-1)
+    if t.dtype != torch.uint8:
+        t = t.view(torch.uint8)
+    return t
+
+
+def _os_error(exc: OSError, info: TensorInfo) -> OSError:
+    code = exc.errno or errno_mod.EIO
+    return OSError(code, f"reading tensor {info.name!r} from {str(info.file)!r} failed: "
+                         f"{exc.strerror or exc}")
+
+
+class TensorReader:
+    """Reads tensors of safetensors files (described by ``TensorInfo``) into CPU buffers.
+
+    Keeps one read-only file descriptor per file until ``close()`` (or the end of a
+    ``with`` block). Thread-safe: reads are positional, so threads may share the reader.
+
+    ``nthreads``: threads used to split one large read (pure-Python path and native helper).
+    ``drop_cache``: default for ``read_into(..., drop_cache=)``: after reading, advise the
+    kernel to drop the file pages just read (``POSIX_FADV_DONTNEED``).
+    ``use_native``: None = use ``mergecore._C.pread_into`` when available; False = never;
+    True = require it.
+    """
+
+    def __init__(self, *, nthreads: int = 4, drop_cache: bool = False,
+                 use_native: bool | None = None):
+        if nthreads < 1:
+            raise ValueError("nthreads must be >= 1")
+        self.nthreads = int(nthreads)
+        self.drop_cache = bool(drop_cache)
+        self._native = None if use_native is False else native_pread()
+        if use_native is True and self._native is None:
+            raise RuntimeError("mergecore._C.pread_into is not available (extension not built)")
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    @property
+    def uses_native(self) -> bool:
+        return self._native is not None
+
+    # ----- file descriptors -----------------------------------------------------------------
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if self._closed:
+                raise ValueError("TensorReader is closed")
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                if hasattr(os, "posix_fadvise"):
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    except OSError:
+                        pass
+                self._fds[file] = fd
+            return fd
+
+    def close(self) -> None:
+        """Close every file descriptor (and the helper threads). Idempotent."""
+        with self._lock:
+            self._closed = True
+            fds, self._fds = self._fds, {}
+            pool, self._pool = self._pool, None
+        for fd in fds.values():
+            os.close(fd)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- reads ------------------------------------------------------------------------------
+    def _pread_full(self, fd: int, mv: memoryview, offset: int, info: TensorInfo) -> None:
+        pos, n = 0, len(mv)
+        while pos < n:
+            try:
+                got = os.preadv(fd, [mv[pos:]], offset + pos)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise _os_error(exc, info) from exc
+            if got == 0:
+                raise SafetensorsError(
+                    f"safetensors file {str(info.file)!r} ends at byte {offset + pos} while "
+                    f"reading tensor {info.name!r} (bytes {info.data_start}.."
+                    f"{info.data_start + info.nbytes}): truncated file?")
+            pos += got
+
+    def _python_read(self, fd: int, buf: torch.Tensor, info: TensorInfo) -> None:
+        mv = memoryview(buf.numpy())[: info.nbytes]
+        n = info.nbytes
+        if self.nthreads == 1 or n < SPLIT_MIN_BYTES:
+            self._pread_full(fd, mv, info.data_start, info)
+            return
+        pieces = min(self.nthreads, n // (SPLIT_MIN_BYTES // 2))
+        step = -(-n // pieces)
+        step += -step % _PIECE_ALIGN
+        bounds = [(b, min(b + step, n)) for b in range(0, n, step)]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.nthreads - 1,
+                                                thread_name_prefix="mergecore-pread")
+            pool = self._pool
+        futures = [pool.submit(self._pread_full, fd, mv[b:e], info.data_start + b, info)
+                   for b, e in bounds[1:]]
+        first_error: BaseException | None = None
+        try:
+            b, e = bounds[0]
+            self._pread_full(fd, mv[b:e], info.data_start + b, info)
+        except BaseException as exc:  # noqa: BLE001 - re-raised after the others finish
+            first_error = exc
+        for fut in futures:
+            try:
+                fut.result()
+            except BaseException as exc:  # noqa: BLE001
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    def read_into(self, info: TensorInfo, dst: torch.Tensor, *,
+                  drop_cache: bool | None = None) -> None:
+        """Fill the first ``info.nbytes`` bytes of ``dst`` with the tensor's raw bytes.
+
+        ``dst``: a contiguous CPU tensor of any dtype (a ``uint8`` buffer, pinned or not, or
+        a typed tensor, viewed as bytes) holding at least ``info.nbytes`` bytes. Bytes of
+        ``dst`` past ``info.nbytes`` are left untouched. Raises ``SafetensorsError`` if the
+        file ends early, ``OSError`` (naming tensor and file) on a read error.
+        """
+        buf = byte_view(dst)
+        if buf.numel() < info.nbytes:
+            raise ValueError(f"buffer of {buf.numel()} bytes is too small for tensor "
+                             f"{info.name!r} ({info.nbytes} bytes, from {str(info.file)!r})")
+        if info.nbytes == 0:
+            return
+        fd = self._fd(info.file)
+        if self._native is not None:
+            try:
+                got = self._native(fd, info.data_start, info.nbytes, buf.data_ptr(),
+                                   self.nthreads)
+            except OSError as exc:
+                raise _os_error(exc, info) from exc
+            if got is not None and got != info.nbytes:
+                raise SafetensorsError(
+                    f"safetensors file {str(info.file)!r}: read {got} of {info.nbytes} bytes "
+                    f"of tensor {info.name!r}: truncated file?")
+        else:
+            self._python_read(fd, buf, info)
+        if self.drop_cache if drop_cache is None else drop_cache:
+            self.drop_cached_pages(info)
+
+    def read_tensor(self, info: TensorInfo, *, pin_memory: bool = False,
+                    drop_cache: bool | None = None) -> torch.Tensor:
+        """A new CPU tensor of ``info``'s dtype and shape holding its data."""
+        out = torch.empty(info.shape, dtype=info.torch_dtype, pin_memory=pin_memory)
+        self.read_into(info, out, drop_cache=drop_cache)
+        return out
+
+    # ----- page cache advice ------------------------------------------------------------------
+    def _advise(self, info: TensorInfo, advice_name: str) -> None:
+        advice = getattr(os, advice_name, None)
+        if advice is None or not hasattr(os, "posix_fadvise") or info.nbytes == 0:
+            return
+        try:
+            os.posix_fadvise(self._fd(info.file), info.data_start, info.nbytes, advice)
+        except OSError:
+            pass  # advice only
+
+    def drop_cached_pages(self, info: TensorInfo) -> None:
+        """Ask the kernel to drop the cached pages of ``info``'s bytes (POSIX_FADV_DONTNEED)."""
+        self._advise(info, "POSIX_FADV_DONTNEED")
+
+    def prefetch(self, info: TensorInfo) -> None:
+        """Ask the kernel to start reading ``info``'s bytes ahead of use (POSIX_FADV_WILLNEED)."""
+        self._advise(info, "POSIX_FADV_WILLNEED")

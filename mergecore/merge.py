@@ -1,0 +1,170 @@
+"""``mergecore merge CONFIG OUT_DIR``: config -> plan -> streaming pipeline -> finished output.
+
+Order of work, so that nothing long starts before everything checkable has been checked:
+1. parse the YAML and open every input's safetensors headers (no tensor data is read);
+2. build and validate the plan (every problem listed at once), check the output directory
+   and the free disk space;
+3. stream: read, merge, write shards under temporary names, rename each when complete;
+4. write config.json, tokenizer files, the model card and the YAML; the index comes last.
+An error at any point removes the partial files; an output never looks complete when it is not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergecore.dtypes import dtype_name
+from mergecore.io import StreamingWriter, TensorReader, plan_shards, tokenizer_files
+from mergecore.io.types import SAFETENSORS_DTYPES
+from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats
+
+
+@dataclass
+class MergeOptions:
+    """What the command line (or a Python caller) can set for one merge."""
+
+    device: str = "cpu"
+    out_shard_size: int = 5_000_000_000
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    allow_crimes: bool = False
+    num_threads: int | None = None
+    random_seed: int | None = None
+    max_memory: int = 2 << 30
+    overwrite: bool = False
+    quiet: bool = False
+    dry_run: bool = False
+    verbose: int = 0
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced."""
+
+    out_dir: Path
+    files: list[Path]
+    stats: PipelineStats
+    plan: object
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory {str(out_dir)!r} is not empty; pass --overwrite to replace it"
+            )
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+class _Progress:
+    """A tqdm bar over input bytes with GB/s and ETA (only on a terminal, not with --quiet)."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
+                            desc="merging", dynamic_ncols=True, smoothing=0.1)
+
+    def __call__(self, nbytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def describe_plan(plan, options: MergeOptions, *, verbose: int = 0) -> str:
+    """The plan as text: tensors, their inputs, shards, bytes to read and write."""
+    from mergecore.units import human_bytes
+
+    entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors]
+    shards = plan_shards(entries, options.out_shard_size)
+    methods: dict[str, int] = {}
+    for t in plan.tensors:
+        methods[t.method] = methods.get(t.method, 0) + 1
+    lines = [
+        f"merge method: {plan.method}" + (f" (base {plan.base_model})" if plan.base_model else ""),
+        "models: " + ", ".join(plan.models),
+        f"output tensors: {len(plan.tensors)} ("
+        + ", ".join(f"{n} {m}" for m, n in sorted(methods.items())) + ")",
+        f"layers in the output: {plan.num_layers}",
+        f"read: {human_bytes(plan.total_input_bytes)}, write: {human_bytes(plan.total_output_bytes)}",
+        f"shards: {len(shards.shards)}",
+    ]
+    lines += [f"  {spec.filename}: {len(spec.entries)} tensors, {human_bytes(spec.data_bytes)}"
+              for spec in shards.shards]
+    lines += [f"warning: {w}" for w in plan.warnings]
+    if verbose:
+        for t in plan.tensors:
+            inputs = ", ".join(f"{Path(i.model).name}:{i.info.name}" for i in t.inputs)
+            lines.append(f"  {t.name} {list(t.shape)} {t.out_dtype} <- {t.method}({inputs})")
+    return "\n".join(lines)
+
+
+def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
+             tokenizer_source: Path | None = None) -> MergeResult:
+    """Execute an already validated plan into ``out_dir`` (which must be prepared)."""
+    if options.num_threads:
+        os.environ["MERGECORE_NUM_THREADS"] = str(options.num_threads)
+    entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors]
+    shards = plan_shards(entries, options.out_shard_size)
+    progress = _Progress(plan.total_input_bytes, options.quiet)
+    pipe_options = PipelineOptions(device=options.device, max_memory=options.max_memory,
+                                   random_seed=options.random_seed, progress=progress)
+    try:
+        with TensorReader(nthreads=2, drop_cache=True) as reader:
+            writer = StreamingWriter(out_dir, shards)
+            try:
+                stats = MergePipeline(plan, reader, writer, pipe_options).run()
+            except BaseException:
+                writer.abort()
+                raise
+            from mergecore import output_files
+
+            output_files.write_config_json(out_dir, plan.output_config)
+            if options.copy_tokenizer and tokenizer_source is not None:
+                output_files.copy_tokenizer(out_dir, tokenizer_files(tokenizer_source))
+            if yaml_text:
+                output_files.write_config_yaml(out_dir, yaml_text)
+                if options.write_model_card:
+                    out_dtypes = sorted({t.out_dtype for t in plan.tensors})
+                    output_files.write_model_card(
+                        out_dir, method=plan.method, base_model=plan.base_model,
+                        models=plan.models, yaml_text=yaml_text,
+                        dtype=", ".join(dtype_name(SAFETENSORS_DTYPES[d][0]) for d in out_dtypes),
+                    )
+            files = writer.finalize()
+    finally:
+        progress.close()
+    return MergeResult(out_dir, files, stats, plan)
+
+
+def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
+              options: MergeOptions | None = None) -> MergeResult:
+    """Merge as ``config_path`` says into ``out_dir`` (the whole command)."""
+    from mergecore.config import load_merge
+
+    options = options or MergeOptions()
+    out_dir = Path(out_dir)
+    yaml_text = Path(config_path).read_text(encoding="utf-8")
+    plan = load_merge(config_path, random_seed=options.random_seed,
+                      allow_crimes=options.allow_crimes)
+    if options.dry_run:
+        print(describe_plan(plan, options, verbose=options.verbose))
+        return MergeResult(out_dir, [], PipelineStats(), plan)
+    _prepare_out_dir(out_dir, options.overwrite)
+    if options.random_seed is None and plan.random_seed is not None:
+        options.random_seed = plan.random_seed
+    source = plan.tokenizer_path
+    return run_plan(plan, out_dir, options, yaml_text=yaml_text,
+                    tokenizer_source=Path(source) if source else None)

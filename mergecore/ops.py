@@ -1,0 +1,289 @@
+"""Public merge functions on torch tensors (the backend other merge tools can call).
+
+Each function builds one ``MergeJob``, validates it, and sends it through the dispatch
+table; the ``*_batched`` forms take one entry per output tensor and run every stage of all of
+them in one backend call. Arithmetic is fp32 with fp32 accumulation on the CPU/GPU kernels
+(float64 on the reference backend); the output dtype defaults to the base's (or the first
+input's). Formulas: ``merge-math.md`` and ``mergecore.methods``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mergecore import dispatch
+from mergecore.dtypes import parse_dtype
+from mergecore.errors import MergeError, NonFiniteError
+from mergecore.methods import METHODS, MergeJob
+
+Floats = float | Sequence[float]
+
+
+def _per_model(value: Floats | None, n: int, what: str, name: str) -> list[float]:
+    if value is None:
+        raise MergeError(f"tensor {name!r}: parameter {what!r} is required")
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    if isinstance(value, torch.Tensor):
+        value = value.reshape(-1).tolist()
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise MergeError(f"tensor {name!r}: {len(values)} values of {what!r} for {n} models")
+    return values
+
+
+def _rescale_mode(rescale: bool | str | None) -> str | None:
+    if rescale in (None, False):
+        return None
+    if rescale is True or rescale == "l1":
+        return "l1"
+    if rescale == "inverse_density":
+        return "inverse_density"
+    raise MergeError(f"rescale must be true, false, 'l1' or 'inverse_density', not {rescale!r}")
+
+
+def make_job(
+    method: str,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weights: Floats | None = None,
+    densities: Floats | None = 1.0,
+    gammas: Floats | None = 0.01,
+    normalize: bool | None = None,
+    lambda_: float = 1.0,
+    rescale: bool | str | None = None,
+    t: float = 0.0,
+    scale: float | None = None,
+    seed: int = 0,
+    name: str = "tensor",
+    out_dtype: torch.dtype | str | None = None,
+) -> MergeJob:
+    """Validate the arguments of one merge and resolve the method's defaults into a job."""
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
+    traits = METHODS[method]
+    tensors = list(tensors)
+    if traits.needs_base and base is None:
+        raise MergeError(f"tensor {name!r}: {method} needs a base tensor")
+    if not tensors:
+        raise MergeError(f"tensor {name!r}: {method} needs at least one input tensor")
+    everything = ([base] if base is not None else []) + tensors
+    first = everything[0]
+    for k, tensor in enumerate(everything):
+        if not isinstance(tensor, torch.Tensor):
+            raise MergeError(f"tensor {name!r}: input {k} is a {type(tensor).__name__}, not a tensor")
+        if not tensor.is_floating_point():
+            raise MergeError(f"tensor {name!r}: input {k} has non-float dtype {tensor.dtype}")
+        if tensor.shape != first.shape:
+            raise MergeError(
+                f"tensor {name!r}: input {k} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(first.shape)}"
+            )
+        if tensor.device != first.device:
+            raise MergeError(f"tensor {name!r}: inputs on {first.device} and {tensor.device}")
+    work_dtype = first.dtype
+    for tensor in everything[1:]:
+        work_dtype = torch.promote_types(work_dtype, tensor.dtype)
+    everything = [t_.to(work_dtype).contiguous() for t_ in everything]
+    if base is not None:
+        base, tensors = everything[0], everything[1:]
+    else:
+        tensors = everything
+    n = len(tensors)
+    job = MergeJob(
+        method=method,
+        base=base,
+        xs=tensors,
+        out_dtype=parse_dtype(out_dtype) or first.dtype,
+        normalize=traits.default_normalize if normalize is None else bool(normalize),
+        lam=float(lambda_),
+        rescale=_rescale_mode(traits.default_rescale if rescale is None else rescale),
+        t=float(t),
+        scale=None if scale is None else float(scale),
+        seed=int(seed),
+        name=name,
+    )
+    if method == "slerp" and n != 1:
+        raise MergeError(f"tensor {name!r}: slerp merges exactly two tensors")
+    if method == "passthrough" and n != 1:
+        raise MergeError(f"tensor {name!r}: passthrough takes exactly one tensor")
+    if traits.combine in ("linear", "sum", "elect"):
+        job.weights = _per_model(weights, n, "weight", name)
+        job.densities = _per_model(densities, n, "density", name)
+        job.gammas = _per_model(gammas, n, "gamma", name)
+    if traits.combine == "linear" and job.normalize and abs(sum(job.weights)) < 1e-8:
+        raise MergeError(f"tensor {name!r}: linear with normalize needs a non-zero weight sum")
+    return job
+
+
+def _check_finite(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor]) -> None:
+    """Raise NonFiniteError when an output holds NaN/Inf, naming the input that caused it."""
+    for job, out in zip(jobs, outs):
+        if out.numel() == 0 or bool(torch.isfinite(out.sum())) or bool(torch.isfinite(out).all()):
+            continue
+        inputs = ([("base", job.base)] if job.base is not None else []) + [
+            (f"model {i}", x) for i, x in enumerate(job.xs)
+        ]
+        for label, tensor in inputs:
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise NonFiniteError(
+                    f"tensor {job.name!r}: {label} has {bad} NaN/Inf value(s) out of {tensor.numel()}"
+                )
+        raise NonFiniteError(
+            f"tensor {job.name!r}: the {job.method} merge produced NaN/Inf from finite inputs "
+            f"({int((~torch.isfinite(out)).sum())} value(s)); check its parameters"
+        )
+
+
+def merge_many(
+    jobs: Sequence[MergeJob],
+    *,
+    outs: Sequence[torch.Tensor] | None = None,
+    check_finite: bool = True,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """Compute many jobs, grouped by backend, each group in one batched backend call.
+
+    ``outs``: optional preallocated contiguous outputs (one per job) to write into.
+    ``backend``: run every job on this backend instead of the dispatch table's choice.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for k, job in enumerate(jobs):
+        ref = job.base if job.base is not None else job.xs[0]
+        name = backend or dispatch.backend_name(job.method, ref.device, ref.dtype)
+        groups[name].append(k)
+    results: list[torch.Tensor | None] = [None] * len(jobs)
+    for name, indices in groups.items():
+        given = [outs[k] for k in indices] if outs is not None else None
+        computed = dispatch.implementation(name)([jobs[k] for k in indices], given)
+        for k, out in zip(indices, computed):
+            results[k] = out
+    if check_finite:
+        _check_finite(jobs, results)
+    return results  # type: ignore[return-value]
+
+
+# ----- one output tensor ----------------------------------------------------------------------
+
+
+def linear(tensors: Sequence[torch.Tensor], weights: Floats, *, normalize: bool = True,
+           out_dtype: torch.dtype | str | None = None, name: str = "tensor") -> torch.Tensor:
+    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``."""
+    return merge_many([make_job("linear", None, tensors, weights=weights, normalize=normalize,
+                                out_dtype=out_dtype, name=name)])[0]
+
+
+def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Floats, *,
+                    normalize: bool = False, lambda_: float = 1.0,
+                    out_dtype: torch.dtype | str | None = None, name: str = "tensor") -> torch.Tensor:
+    """``base + lambda * sum_i w_i (x_i - base)`` (divided by ``sum w`` with ``normalize``)."""
+    return merge_many([make_job("task_arithmetic", base, tensors, weights=weights,
+                                normalize=normalize, lambda_=lambda_, out_dtype=out_dtype,
+                                name=name)])[0]
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *,
+          out_dtype: torch.dtype | str | None = None, name: str = "tensor") -> torch.Tensor:
+    """Spherical interpolation over the flattened tensors; ``t = 0`` gives ``a``."""
+    return merge_many([make_job("slerp", a, [b], t=t, out_dtype=out_dtype, name=name)])[0]
+
+
+def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Floats,
+         densities: Floats = 1.0, *, normalize: bool = True, lambda_: float = 1.0,
+         rescale: bool | str = False, out_dtype: torch.dtype | str | None = None,
+         name: str = "tensor") -> torch.Tensor:
+    """TIES: trim each delta to its top ``int(p_i n)`` magnitudes, elect signs, disjoint mean."""
+    return merge_many([make_job("ties", base, tensors, weights=weights, densities=densities,
+                                normalize=normalize, lambda_=lambda_, rescale=rescale,
+                                out_dtype=out_dtype, name=name)])[0]
+
+
+def dare_linear(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Floats,
+                densities: Floats, *, seed: int = 0, name: str = "tensor",
+                normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True,
+                out_dtype: torch.dtype | str | None = None) -> torch.Tensor:
+    """DARE drop (keep with probability p, keyed by seed/name/model) + rescale + weighted sum."""
+    return merge_many([make_job("dare_linear", base, tensors, weights=weights,
+                                densities=densities, normalize=normalize, lambda_=lambda_,
+                                rescale=rescale, seed=seed, name=name, out_dtype=out_dtype)])[0]
+
+
+def dare_ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Floats,
+              densities: Floats, *, seed: int = 0, name: str = "tensor",
+              normalize: bool = False, lambda_: float = 1.0, rescale: bool | str = True,
+              out_dtype: torch.dtype | str | None = None) -> torch.Tensor:
+    """DARE drop + rescale, combined with TIES sign election and disjoint merge."""
+    return merge_many([make_job("dare_ties", base, tensors, weights=weights,
+                                densities=densities, normalize=normalize, lambda_=lambda_,
+                                rescale=rescale, seed=seed, name=name, out_dtype=out_dtype)])[0]
+
+
+def breadcrumbs(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Floats,
+                densities: Floats, gammas: Floats = 0.01, *, normalize: bool = False,
+                lambda_: float = 1.0, rescale: bool | str = False,
+                out_dtype: torch.dtype | str | None = None, name: str = "tensor") -> torch.Tensor:
+    """Drop the top ``gamma`` and keep the next ``density`` of each delta; weighted sum."""
+    return merge_many([make_job("breadcrumbs", base, tensors, weights=weights,
+                                densities=densities, gammas=gammas, normalize=normalize,
+                                lambda_=lambda_, rescale=rescale, out_dtype=out_dtype,
+                                name=name)])[0]
+
+
+def breadcrumbs_ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Floats,
+                     densities: Floats, gammas: Floats = 0.01, *, normalize: bool = False,
+                     lambda_: float = 1.0, rescale: bool | str = False,
+                     out_dtype: torch.dtype | str | None = None,
+                     name: str = "tensor") -> torch.Tensor:
+    """Breadcrumbs trimming combined with TIES sign election and disjoint merge."""
+    return merge_many([make_job("breadcrumbs_ties", base, tensors, weights=weights,
+                                densities=densities, gammas=gammas, normalize=normalize,
+                                lambda_=lambda_, rescale=rescale, out_dtype=out_dtype,
+                                name=name)])[0]
+
+
+def passthrough(tensor: torch.Tensor, scale: float | None = None, *,
+                out_dtype: torch.dtype | str | None = None, name: str = "tensor") -> torch.Tensor:
+    """The tensor itself, optionally multiplied by ``scale``."""
+    return merge_many([make_job("passthrough", None, [tensor], scale=scale, out_dtype=out_dtype,
+                                name=name)])[0]
+
+
+# ----- many output tensors in one call --------------------------------------------------------
+
+
+def batched(method: str, bases: Sequence[torch.Tensor | None] | None,
+            tensor_lists: Sequence[Sequence[torch.Tensor]], **params: Any) -> list[torch.Tensor]:
+    """One merge per entry of ``tensor_lists`` (with ``bases[j]``), all run in one batched call.
+
+    Each keyword parameter is either one value for every entry or a list with one value per
+    entry (a per-model parameter given per entry is then a list of lists). ``names`` gives
+    each entry's tensor name (it keys the DARE stream and names tensors in errors).
+    """
+    count = len(tensor_lists)
+    names = params.pop("names", None) or [f"tensor{j}" for j in range(count)]
+    per_model = {"weights", "densities", "gammas"}
+    jobs = []
+    for j in range(count):
+        kwargs = {}
+        for key, value in params.items():
+            is_list = isinstance(value, (list, tuple))
+            if is_list and (key not in per_model or (value and isinstance(value[0], (list, tuple)))):
+                if len(value) != count:
+                    raise MergeError(f"{key!r} has {len(value)} entries for {count} merges")
+                value = value[j]
+            kwargs[key] = value
+        base = bases[j] if bases is not None else None
+        jobs.append(make_job(method, base, tensor_lists[j], name=names[j], **kwargs))
+    return merge_many(jobs)
+
+
+def slerp_batched(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+                  t: float | Sequence[float], **params: Any) -> list[torch.Tensor]:
+    """``slerp(a_list[j], b_list[j], t[j])`` for every j, in one batched call."""
+    return batched("slerp", a_list, [[b] for b in b_list], t=t, **params)

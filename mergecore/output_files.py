@@ -1,0 +1,86 @@
+"""The non-tensor files of a merged model: config.json, tokenizer, model card, the YAML."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+MODEL_CARD_TEMPLATE = """---
+base_model:
+{base_models}
+library_name: transformers
+tags:
+- mergekit
+- mergecore
+- merge
+---
+# {title}
+
+This model was merged with [mergecore](https://github.com/) (a faster drop-in for mergekit),
+from the configuration below.
+
+## Merge details
+
+- Method: **{method}**{base_line}
+- Models merged:
+{model_lines}
+- Output dtype: {dtype}
+
+## Configuration
+
+```yaml
+{yaml}
+```
+"""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_config_json(out_dir: Path, config: dict[str, Any] | None) -> None:
+    """The output model's config.json (already updated by the planner)."""
+    if config is not None:
+        _atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(out_dir: Path, *, method: str, base_model: str | None,
+                     models: Iterable[str], dtype: str, yaml_text: str) -> None:
+    """A README.md that states the method, the inputs and the YAML."""
+    models = list(dict.fromkeys(models))
+    base_models = "\n".join(f"- {m}" for m in models) or "- (none)"
+    text = MODEL_CARD_TEMPLATE.format(
+        title=out_dir.name,
+        base_models=base_models,
+        method=method,
+        base_line=f"\n- Base model: `{base_model}`" if base_model else "",
+        model_lines="\n".join(f"  - `{m}`" for m in models),
+        dtype=dtype,
+        yaml=yaml_text.strip(),
+    )
+    _atomic_write_text(out_dir / "README.md", text)
+
+
+def write_config_yaml(out_dir: Path, yaml_text: str) -> None:
+    """The merge configuration as given, saved like mergekit does."""
+    _atomic_write_text(out_dir / "mergekit_config.yml", yaml_text)
+
+
+def copy_tokenizer(out_dir: Path, files: Iterable[Path]) -> list[str]:
+    """Copy tokenizer (and generation config) files next to the weights; returns their names."""
+    copied = []
+    for src in files:
+        src = Path(src)
+        if src.is_file():
+            shutil.copyfile(src, out_dir / src.name)
+            copied.append(src.name)
+    return copied

@@ -1,0 +1,298 @@
+"""The streaming merge executor: read -> (H2D) -> compute -> (D2H) -> write, overlapped.
+
+Three stages run at once, connected by queues and bounded by one ``ByteBudget``:
+
+- a reader thread walks the plan in order and reads each output tensor's inputs (each
+  distinct input tensor once) into fresh host buffers with positional reads; on CUDA it
+  also starts the host-to-device copies on a copy stream;
+- the calling thread computes: it groups consecutive small tensors into one batched
+  kernel call (``mergecore.merge_many``), so norms and biases cost one call per group;
+- a writer thread puts each output's bytes at its final offset in its shard.
+
+Every byte in flight (inputs read and not yet merged, outputs not yet written) is counted
+against the budget, so peak memory is set by ``max_memory``, not by the model's size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergecore.budget import ByteBudget
+from mergecore.dtypes import parse_dtype
+from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
+from mergecore.ops import make_job, merge_many
+
+_DONE = object()
+
+
+@dataclass
+class PipelineOptions:
+    """Knobs of one run."""
+
+    device: str = "cpu"
+    max_memory: int = 2 << 30
+    random_seed: int | None = None
+    batch_elements: int = 1 << 22  # group consecutive tensors up to this many elements
+    batch_tensors: int = 64
+    drop_page_cache: bool = True
+    progress: Callable[[int], None] | None = None  # called with input bytes consumed
+
+
+@dataclass
+class PipelineStats:
+    """What one run did and how long each stage was busy (seconds, wall clock)."""
+
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    wall: float = 0.0
+    read_busy: float = 0.0
+    compute_busy: float = 0.0
+    write_busy: float = 0.0
+    peak_budget_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
+
+
+@dataclass
+class _Item:
+    planned: Any  # PlannedTensor
+    inputs: list[torch.Tensor]
+    in_bytes: int
+    out_bytes: int
+    ready: Any = None  # CUDA event when inputs were copied on a side stream
+
+
+def _item_bytes(planned) -> tuple[int, int]:
+    seen: set[tuple] = set()
+    in_bytes = 0
+    for inp in planned.inputs:
+        key = (str(inp.info.file), inp.info.data_start)
+        if key not in seen:
+            seen.add(key)
+            in_bytes += inp.info.nbytes
+    out_bytes = SAFETENSORS_DTYPES[planned.out_dtype][1]
+    for s in planned.shape:
+        out_bytes *= s
+    return in_bytes, out_bytes
+
+
+class _Stage(threading.Thread):
+    """A worker thread that records the first exception it hits."""
+
+    def __init__(self, name: str, target: Callable[[], None], on_error: Callable[[], None]):
+        super().__init__(name=name, daemon=True)
+        self._target_fn = target
+        self._on_error = on_error
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._target_fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self.error = exc
+            self._on_error()
+
+
+def _as_tensor(buf: torch.Tensor, info: TensorInfo, rows: int | None) -> torch.Tensor:
+    t = buf[: info.nbytes].view(SAFETENSORS_DTYPES[info.dtype][0]).reshape(info.shape)
+    if rows is not None and info.shape and rows < info.shape[0]:
+        t = t[:rows]
+    return t
+
+
+class MergePipeline:
+    """Runs a ``MergePlan`` into a streaming writer."""
+
+    def __init__(self, plan, reader, writer, options: PipelineOptions):
+        self.plan = plan
+        self.reader = reader
+        self.writer = writer
+        self.options = options
+        self.device = torch.device(options.device)
+        self.budget = ByteBudget(options.max_memory)
+        self.stats = PipelineStats()
+        self._to_compute: queue.Queue = queue.Queue()
+        self._to_write: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+
+    # ----- stage 1: read ------------------------------------------------------------------
+    def _read_all(self) -> None:
+        for planned in self.plan.tensors:
+            if self._stop.is_set():
+                break
+            in_bytes, out_bytes = _item_bytes(planned)
+            self.budget.acquire(in_bytes + out_bytes)
+            start = time.perf_counter()
+            buffers: dict[tuple, torch.Tensor] = {}
+            inputs = []
+            for inp in planned.inputs:
+                key = (str(inp.info.file), inp.info.data_start)
+                if key not in buffers:
+                    buf = torch.empty(inp.info.nbytes, dtype=torch.uint8,
+                                      pin_memory=self._cuda)
+                    self.reader.read_into(inp.info, buf)
+                    buffers[key] = buf
+                    self.stats.bytes_read += inp.info.nbytes
+                inputs.append(_as_tensor(buffers[key], inp.info, inp.rows))
+            item = _Item(planned, inputs, in_bytes, out_bytes)
+            if self._cuda:
+                with torch.cuda.stream(self._copy_stream):
+                    item.inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                    item.ready = torch.cuda.Event()
+                    item.ready.record(self._copy_stream)
+            self.stats.read_busy += time.perf_counter() - start
+            self._to_compute.put(item)
+        self._to_compute.put(_DONE)
+
+    # ----- stage 3: write -----------------------------------------------------------------
+    def _write_all(self) -> None:
+        while True:
+            entry = self._to_write.get()
+            if entry is _DONE:
+                return
+            name, out, event, nbytes = entry
+            start = time.perf_counter()
+            if event is not None:
+                event.synchronize()
+            self.writer.write(name, out)
+            self.stats.bytes_written += out.numel() * out.element_size()
+            self.stats.write_busy += time.perf_counter() - start
+            self.budget.release(nbytes)
+
+    # ----- stage 2: compute ---------------------------------------------------------------
+    def _job(self, item: _Item):
+        planned = item.planned
+        inputs = item.inputs
+        compute_dtype = parse_dtype(planned.compute_dtype) if planned.compute_dtype else None
+        if compute_dtype is not None:
+            inputs = [t.to(compute_dtype) if t.is_floating_point() else t for t in inputs]
+        out_dtype = SAFETENSORS_DTYPES[planned.out_dtype][0]
+        gp = planned.global_params or {}
+        ip = planned.input_params or {}
+        method = planned.method
+        base_index = planned.base_index if method not in ("linear", "passthrough") else None
+        base = inputs[base_index] if base_index is not None else None
+        others = [k for k in range(len(inputs)) if k != base_index]
+        xs = [inputs[k] for k in others]
+
+        def per_input(key: str, default=None):
+            values = ip.get(key)
+            if values is None:
+                return default
+            return [values[k] for k in others]
+
+        return make_job(
+            method, base, xs,
+            weights=per_input("weight"),
+            densities=per_input("density", 1.0),
+            gammas=per_input("gamma", 0.01),
+            normalize=gp.get("normalize"),
+            lambda_=float(gp.get("lambda", 1.0)),
+            rescale=gp.get("rescale"),
+            t=float(gp.get("t", 0.0)),
+            scale=gp.get("scale"),
+            seed=self.options.random_seed or 0,
+            name=planned.name,
+            out_dtype=out_dtype,
+        )
+
+    def _compute_batch(self, items: list[_Item]) -> None:
+        start = time.perf_counter()
+        jobs, job_items, results = [], [], {}
+        for k, item in enumerate(items):
+            if item.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(item.ready)
+            if item.planned.method == "copy":
+                src = item.inputs[0]
+                results[k] = src.to(SAFETENSORS_DTYPES[item.planned.out_dtype][0])
+            else:
+                jobs.append(self._job(item))
+                job_items.append(k)
+        if jobs:
+            for k, out in zip(job_items, merge_many(jobs)):
+                results[k] = out
+        for k, item in enumerate(items):
+            out = results[k]
+            event = None
+            if self._cuda:
+                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                out = host
+            self.budget.release(item.in_bytes)
+            if self.options.progress is not None:
+                self.options.progress(item.in_bytes)
+            self._to_write.put((item.planned.name, out, event, item.out_bytes))
+            self.stats.tensors += 1
+        self.stats.compute_busy += time.perf_counter() - start
+
+    def _compute_all(self) -> None:
+        pending: _Item | None = None
+        while True:
+            item = pending if pending is not None else self._to_compute.get()
+            pending = None
+            if item is _DONE:
+                return
+            batch = [item]
+            elements = _numel(item)
+            while len(batch) < self.options.batch_tensors and elements < self.options.batch_elements:
+                try:
+                    nxt = self._to_compute.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _DONE or elements + _numel(nxt) > self.options.batch_elements:
+                    pending = nxt
+                    break
+                batch.append(nxt)
+                elements += _numel(nxt)
+            self._compute_batch(batch)
+
+    def _fail(self) -> None:
+        self._stop.set()
+        self.budget.close()
+        self._to_compute.put(_DONE)
+        self._to_write.put(_DONE)
+
+    def run(self) -> PipelineStats:
+        """Execute the whole plan; re-raises the first error of any stage."""
+        start = time.perf_counter()
+        reader = _Stage("mergecore-reader", self._read_all, self._fail)
+        writer = _Stage("mergecore-writer", self._write_all, self._fail)
+        reader.start()
+        writer.start()
+        compute_error: BaseException | None = None
+        try:
+            self._compute_all()
+        except BaseException as exc:  # noqa: BLE001
+            compute_error = exc
+            self._fail()
+        finally:
+            self._to_write.put(_DONE)
+            reader.join()
+            writer.join()
+        for err in (compute_error, reader.error, writer.error):
+            if err is not None:
+                raise err
+        self.stats.wall = time.perf_counter() - start
+        self.stats.peak_budget_bytes = self.budget.peak
+        return self.stats
+
+
+def _numel(item) -> int:
+    n = 1
+    for s in item.planned.shape:
+        n *= s
+    return n

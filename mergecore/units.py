@@ -1,0 +1,31 @@
+"""Parsing the human sizes users type: ``5B``, ``500M``, ``2GiB``."""
+
+from __future__ import annotations
+
+import re
+
+_SUFFIX = {
+    "": 1,
+    "K": 1000, "M": 1000**2, "B": 1000**3, "G": 1000**3, "T": 1000**4,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+    "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5B"`` (mergekit's billions) -> 5_000_000_000; ``"2GiB"`` -> 2 * 2**30; ints pass."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _SUFFIX:
+        raise ValueError(f"cannot read {text!r} as a size (examples: 5B, 500M, 2GiB, 1000000)")
+    return int(float(match.group(1)) * _SUFFIX[match.group(2).upper()])
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

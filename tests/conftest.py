@@ -1,0 +1,19 @@
+"""Shared test setup: Triton kernels run in the interpreter when there is no GPU."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws fresh, but reproducible, random inputs."""
+    torch.manual_seed(int.from_bytes(os.urandom(2), "little") if os.environ.get("MERGECORE_TEST_RANDOM") else 1234)
+    yield

@@ -1,0 +1,168 @@
+"""SLERP's two passes: the whole-tensor reduction and the weighted sum (lerp2).
+
+Reduction, per job: ``(sum a*a, sum b*b, sum a*b)`` over the flat tensors, each tile summed in
+fp32, the tile partials combined in fp64 on the device. Lerp, per job:
+``out = c0*a + c1*b`` in fp32 with c0, c1 rounded to fp32, one rounding to the output dtype.
+Both run many jobs in one launch (one program per tile of any job).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_kernels import _config
+from triton_kernels._common import f32_from_bits, job_and_tile, load_f32, load_offset, store_rounded
+from triton_kernels._host import (
+    Tables,
+    all_aligned,
+    cdiv,
+    f32_bits,
+    group_by,
+    program_table,
+    rel_offset,
+)
+
+_RJ = 3  # reduce job row: n, a_off, b_off
+_LJ = 6  # lerp job row: n, out_off, a_off, b_off, c0 bits, c1 bits
+
+
+@triton.jit
+def _reduce_tile(a_ptr, b_ptr, offs, n, MASKED: tl.constexpr):
+    valid = offs < n
+    a = load_f32(a_ptr, offs, valid, MASKED)
+    b = load_f32(b_ptr, offs, valid, MASKED)
+    return tl.sum(a * a, 0), tl.sum(b * b, 0), tl.sum(a * b, 0)
+
+
+@triton.jit
+def _reduce_kernel(in_ref, jobs, prog_job, prog_tile, partial,
+                   MULTI: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    job, tile = job_and_tile(prog_job, prog_tile, MULTI)
+    row = jobs + job * 3
+    n = tl.load(row)
+    a_ptr = in_ref + load_offset(row + 1, ALIGNED)
+    b_ptr = in_ref + load_offset(row + 2, ALIGNED)
+    start = tile * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        aa, bb, ab = _reduce_tile(a_ptr, b_ptr, offs, n, False)
+    else:
+        aa, bb, ab = _reduce_tile(a_ptr, b_ptr, offs, n, True)
+    out = partial + tl.program_id(0).to(tl.int64) * 3
+    tl.store(out, aa)
+    tl.store(out + 1, bb)
+    tl.store(out + 2, ab)
+
+
+@triton.jit
+def _lerp_tile(o_ptr, a_ptr, b_ptr, offs, n, c0, c1, MASKED: tl.constexpr):
+    valid = offs < n
+    a = load_f32(a_ptr, offs, valid, MASKED)
+    b = load_f32(b_ptr, offs, valid, MASKED)
+    store_rounded(o_ptr, offs, c0 * a + c1 * b, valid, MASKED)
+
+
+@triton.jit
+def _lerp_kernel(in_ref, out_ref, jobs, prog_job, prog_tile,
+                 MULTI: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    job, tile = job_and_tile(prog_job, prog_tile, MULTI)
+    if not MULTI:
+        # one job: walk the tiles backwards, so the first tiles read are the last ones the
+        # reduction pass read (still in L2).
+        tile = tl.num_programs(0) - 1 - tile
+    row = jobs + job * 6
+    n = tl.load(row)
+    o_ptr = out_ref + load_offset(row + 1, ALIGNED)
+    a_ptr = in_ref + load_offset(row + 2, ALIGNED)
+    b_ptr = in_ref + load_offset(row + 3, ALIGNED)
+    c0 = f32_from_bits(tl.load(row + 4))
+    c1 = f32_from_bits(tl.load(row + 5))
+    start = tile * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        _lerp_tile(o_ptr, a_ptr, b_ptr, offs, n, c0, c1, False)
+    else:
+        _lerp_tile(o_ptr, a_ptr, b_ptr, offs, n, c0, c1, True)
+
+
+def reduce_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, float, float]]:
+    """``(sum a*a, sum b*b, sum a*b)`` for each pair of flat, equal-length tensors."""
+    results: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(pairs)
+    block = _config.REDUCE_BLOCK
+    groups = group_by(pairs, lambda p: (p[0].device, p[0].dtype))
+    for (device, _dtype), idx in groups.items():
+        idx = [i for i in idx if pairs[i][0].numel() > 0]
+        if not idx:
+            continue
+        ref = pairs[idx[0]][0]
+        rows, offsets = [], []
+        for i in idx:
+            a, b = pairs[i]
+            oa = rel_offset(a, ref, f"slerp_reduce pair {i} (a)")
+            ob = rel_offset(b, ref, f"slerp_reduce pair {i} (b)")
+            rows.append((a.numel(), oa, ob))
+            offsets += [oa, ob]
+        ntiles = [cdiv(r[0], block) for r in rows]
+        multi = len(idx) > 1
+        tables = Tables()
+        tables.add(rows)
+        if multi:
+            pj, pt = program_table(ntiles)
+            tables.add(pj)
+            tables.add(pt)
+        dev = tables.upload(device)
+        jobs_t = dev[0]
+        pj_t, pt_t = (dev[1], dev[2]) if multi else (jobs_t, jobs_t)
+        grid = sum(ntiles)
+        partial = torch.empty((grid, 3), dtype=torch.float32, device=device)
+        _reduce_kernel[(grid,)](
+            ref, jobs_t, pj_t, pt_t, partial,
+            MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block,
+            num_warps=_config.REDUCE_WARPS,
+        )
+        if multi:
+            sums = torch.zeros((len(idx), 3), dtype=torch.float64, device=device)
+            sums.index_add_(0, pj_t, partial.double())
+        else:
+            sums = partial.sum(0, keepdim=True, dtype=torch.float64)
+        for i, s in zip(idx, sums.cpu().tolist()):
+            results[i] = (s[0], s[1], s[2])
+    return results
+
+
+def lerp_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]]) -> None:
+    """``out = c0*a + c1*b`` for each job ``(out, a, b, c0, c1)`` of flat tensors."""
+    block = _config.LERP_BLOCK
+    groups = group_by(jobs, lambda j: (j[0].device, j[1].dtype, j[0].dtype))
+    for (device, _dt, _odt), idx in groups.items():
+        idx = [i for i in idx if jobs[i][0].numel() > 0]
+        if not idx:
+            continue
+        in_ref, out_ref = jobs[idx[0]][1], jobs[idx[0]][0]
+        rows, offsets = [], []
+        for i in idx:
+            out, a, b, c0, c1 = jobs[i]
+            oo = rel_offset(out, out_ref, f"lerp2 job {i} (out)")
+            oa = rel_offset(a, in_ref, f"lerp2 job {i} (a)")
+            ob = rel_offset(b, in_ref, f"lerp2 job {i} (b)")
+            rows.append((out.numel(), oo, oa, ob, f32_bits(c0), f32_bits(c1)))
+            offsets += [oo, oa, ob]
+        ntiles = [cdiv(r[0], block) for r in rows]
+        multi = len(idx) > 1
+        tables = Tables()
+        tables.add(rows)
+        if multi:
+            pj, pt = program_table(ntiles)
+            tables.add(pj)
+            tables.add(pt)
+        dev = tables.upload(device)
+        pj_t, pt_t = (dev[1], dev[2]) if multi else (dev[0], dev[0])
+        _lerp_kernel[(sum(ntiles),)](
+            in_ref, out_ref, dev[0], pj_t, pt_t,
+            MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
+            num_warps=_config.LERP_WARPS,
+        )
