@@ -33,6 +33,8 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=parse_size, default=parse_size("2GiB"),
                    help="budget for tensors in flight (default 2GiB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--keep-intermediates", default=None, metavar="DIR",
+                   help="multi-stage recipes: also write each named stage's model to DIR/<name>")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything and print the plan (tensors, shards, bytes); merge nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -80,6 +82,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         dry_run=args.dry_run,
         verbose=args.verbose,
+        keep_intermediates=args.keep_intermediates,
     )
     result = run_merge(args.config, args.out_dir, options)
     if not args.quiet and not args.dry_run:

@@ -39,6 +39,7 @@ class MergeOptions:
     quiet: bool = False
     dry_run: bool = False
     verbose: int = 0
+    keep_intermediates: str | None = None  # recipes: write each stage's model under this dir
 
 
 @dataclass
@@ -129,33 +130,44 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
             except BaseException:
                 writer.abort()
                 raise
-            from mergecore import output_files
-
-            output_files.write_config_json(out_dir, plan.output_config)
-            if options.copy_tokenizer and tokenizer_source is not None:
-                output_files.copy_tokenizer(out_dir, tokenizer_files(tokenizer_source))
-            if yaml_text:
-                output_files.write_config_yaml(out_dir, yaml_text)
-                if options.write_model_card:
-                    out_dtypes = sorted({t.out_dtype for t in plan.tensors})
-                    output_files.write_model_card(
-                        out_dir, method=plan.method, base_model=plan.base_model,
-                        models=plan.models, yaml_text=yaml_text,
-                        dtype=", ".join(dtype_name(SAFETENSORS_DTYPES[d][0]) for d in out_dtypes),
-                    )
+            write_side_files(out_dir, plan, options, yaml_text=yaml_text,
+                             tokenizer_source=tokenizer_source)
             files = writer.finalize()
     finally:
         progress.close()
     return MergeResult(out_dir, files, stats, plan)
 
 
+def write_side_files(out_dir: Path, plan, options: MergeOptions, *, yaml_text: str,
+                     tokenizer_source: Path | None) -> None:
+    """Everything of an output but the weights: config.json, the tokenizer, the YAML and the
+    model card (written before the writer is finalized, so the index still comes last)."""
+    from mergecore import output_files
+
+    output_files.write_config_json(out_dir, plan.output_config)
+    if options.copy_tokenizer and tokenizer_source is not None:
+        output_files.copy_tokenizer(out_dir, tokenizer_files(tokenizer_source))
+    if yaml_text:
+        output_files.write_config_yaml(out_dir, yaml_text)
+        if options.write_model_card:
+            out_dtypes = sorted({t.out_dtype for t in plan.tensors})
+            output_files.write_model_card(
+                out_dir, method=plan.method, base_model=plan.base_model,
+                models=plan.models, yaml_text=yaml_text,
+                dtype=", ".join(dtype_name(SAFETENSORS_DTYPES[d][0]) for d in out_dtypes),
+            )
+
+
 def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
               options: MergeOptions | None = None) -> MergeResult:
     """Merge as ``config_path`` says into ``out_dir`` (the whole command)."""
     from mergecore.config import load_merge
+    from mergecore.recipes import is_recipe, run_recipe
 
     options = options or MergeOptions()
     out_dir = Path(out_dir)
+    if is_recipe(config_path):
+        return run_recipe(config_path, out_dir, options)
     yaml_text = Path(config_path).read_text(encoding="utf-8")
     plan = load_merge(config_path, random_seed=options.random_seed,
                       allow_crimes=options.allow_crimes)

@@ -73,6 +73,8 @@ class _Item:
 
 
 def _item_bytes(planned) -> tuple[int, int]:
+    if hasattr(planned, "byte_counts"):  # a fused multi-stage item (mergecore.recipes)
+        return planned.byte_counts()
     seen: set[tuple] = set()
     in_bytes = 0
     for inp in planned.inputs:
@@ -173,8 +175,11 @@ class MergePipeline:
 
     # ----- stage 2: compute ---------------------------------------------------------------
     def _job(self, item: _Item):
-        planned = item.planned
-        inputs = item.inputs
+        return self._job_for(item.planned, item.inputs, self.options.random_seed or 0)
+
+    def _job_for(self, planned, inputs: list[torch.Tensor], seed: int):
+        """The kernel job that computes ``planned`` from its input tensors (in the order of
+        ``planned.inputs``)."""
         compute_dtype = parse_dtype(planned.compute_dtype) if planned.compute_dtype else None
         if compute_dtype is not None:
             inputs = [t.to(compute_dtype) if t.is_floating_point() else t for t in inputs]
@@ -203,39 +208,50 @@ class MergePipeline:
             rescale=gp.get("rescale"),
             t=float(gp.get("t", 0.0)),
             scale=gp.get("scale"),
-            seed=self.options.random_seed or 0,
+            seed=seed,
             name=planned.name,
             out_dtype=out_dtype,
         )
 
     def _compute_batch(self, items: list[_Item]) -> None:
         start = time.perf_counter()
-        jobs, job_items, results = [], [], {}
+        jobs, job_items, fused, results = [], [], [], {}
         for k, item in enumerate(items):
             if item.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(item.ready)
             if item.planned.method == "copy":
                 src = item.inputs[0]
                 results[k] = src.to(SAFETENSORS_DTYPES[item.planned.out_dtype][0])
+            elif item.planned.method == "fused":
+                fused.append(k)
             else:
                 jobs.append(self._job(item))
                 job_items.append(k)
         if jobs:
             for k, out in zip(job_items, merge_many(jobs)):
                 results[k] = out
+        if fused:
+            from mergecore.recipes.evaluate import evaluate_fused
+
+            outs = evaluate_fused([(items[k].planned, items[k].inputs) for k in fused],
+                                  self._job_for)
+            results.update(zip(fused, outs))
         for k, item in enumerate(items):
-            out = results[k]
-            event = None
-            if self._cuda:
-                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                host.copy_(out, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self.device))
-                out = host
+            writes = results[k]
+            if isinstance(writes, torch.Tensor):
+                writes = [(item.planned.name, writes, item.out_bytes)]
+            for key, out, nbytes in writes:
+                event = None
+                if self._cuda:
+                    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    host.copy_(out, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(self.device))
+                    out = host
+                self._to_write.put((key, out, event, nbytes))
             self.budget.release(item.in_bytes)
             if self.options.progress is not None:
                 self.options.progress(item.in_bytes)
-            self._to_write.put((item.planned.name, out, event, item.out_bytes))
             self.stats.tensors += 1
         self.stats.compute_busy += time.perf_counter() - start
 

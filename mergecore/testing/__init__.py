@@ -12,6 +12,7 @@ from mergecore.testing.mergekit_harness import (
     load_state,
     mergekit_env,
     run_mergekit_batch,
+    run_mergekit_multi,
     run_mergekit_yaml,
     ulp_diff,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "load_state",
     "mergekit_env",
     "run_mergekit_batch",
+    "run_mergekit_multi",
     "run_mergekit_yaml",
     "ulp_diff",
 ]

@@ -2,7 +2,8 @@
 
 Usage: ``python _mergekit_runner.py JOBS.json RESULTS.json``. ``JOBS.json`` is a list of
 argument lists, each exactly what one would pass to the ``mergekit-yaml`` console script
-(``[config.yml, out_dir, *options]``). Each is run through mergekit's own click command, so
+(``[config.yml, out_dir, *options]``), or of ``{"command": "mergekit-multi", "args": [...]}``
+for mergekit's multi-stage command. Each is run through mergekit's own click command, so
 the code path is the CLI's; only the interpreter start-up and imports (tens of seconds on a
 small machine) are shared. mergekit's loader cache is emptied between jobs so that no job sees
 another's open files. ``RESULTS.json`` receives one ``{"ok": bool, "error": str}`` per job.
@@ -25,18 +26,27 @@ def _reset_mergekit_state() -> None:
         loaders.clear()
 
 
-def main(jobs_path: str, results_path: str) -> int:
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
+def _command(name: str):
+    if name == "mergekit-multi":
+        from mergekit.scripts.multimerge import main as command
+    else:
+        from mergekit.scripts.run_yaml import main as command
+    return command
 
+
+def main(jobs_path: str, results_path: str) -> int:
     with open(jobs_path, encoding="utf-8") as f:
         jobs = json.load(f)
     results = []
-    for i, args in enumerate(jobs):
-        print(f"=== mergekit job {i + 1}/{len(jobs)}: mergekit-yaml {' '.join(args)}",
+    for i, job in enumerate(jobs):
+        # a job is mergekit-yaml's argument list, or {"command": NAME, "args": [...]}
+        name, args = ((job["command"], job["args"]) if isinstance(job, dict)
+                      else ("mergekit-yaml", job))
+        print(f"=== mergekit job {i + 1}/{len(jobs)}: {name} {' '.join(args)}",
               file=sys.stderr, flush=True)
         _reset_mergekit_state()
         try:
-            mergekit_yaml.main(args=list(args), prog_name="mergekit-yaml", standalone_mode=False)
+            _command(name).main(args=list(args), prog_name=name, standalone_mode=False)
             results.append({"ok": True, "error": ""})
         except SystemExit as exc:  # click's own exits (usage errors)
             ok = exc.code in (0, None)

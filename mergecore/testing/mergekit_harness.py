@@ -4,6 +4,7 @@
   ``mergekit-yaml`` console script) in a subprocess on the CPU, offline; :func:`run_mergekit_batch`
   runs several configs in one subprocess (mergekit's import costs tens of seconds on small
   machines).
+* :func:`run_mergekit_multi` runs ``mergekit-multi`` (multi-stage recipes) the same way.
 * :func:`load_state` reads every tensor of an output directory (sharded or not).
 * :func:`ulp_diff` is the elementwise distance in units in the last place of the dtype.
 * :func:`compare_outputs` checks two outputs against each other by the rules of
@@ -33,6 +34,7 @@ __all__ = [
     "load_state",
     "mergekit_env",
     "run_mergekit_batch",
+    "run_mergekit_multi",
     "run_mergekit_yaml",
     "ulp_diff",
 ]
@@ -139,35 +141,68 @@ def run_mergekit_batch(
     every failed job with its config and traceback. Returns the output directories.
     """
     jobs = list(jobs)
-    if not jobs:
-        return []
     with tempfile.TemporaryDirectory(prefix="mergekit-batch-") as tmp:
         tmp_path = Path(tmp)
-        argv, configs = [], []
+        entries = []
         for i, (config, out_dir) in enumerate(jobs):
             cfg = _write_config(config, tmp_path, i)
-            configs.append(cfg)
-            argv.append([str(cfg), str(out_dir), *map(str, extra_args)])
-        jobs_file, results_file = tmp_path / "jobs.json", tmp_path / "results.json"
-        jobs_file.write_text(json.dumps(argv), encoding="utf-8")
-        cmd = [sys.executable, str(_RUNNER), str(jobs_file), str(results_file)]
-        proc = subprocess.run(cmd, env=mergekit_env(), capture_output=True, text=True,
-                              timeout=timeout, check=False)
-        results = (json.loads(results_file.read_text(encoding="utf-8"))
-                   if results_file.exists() else [])
-        failures = []
-        for i, args in enumerate(argv):
-            if i < len(results) and results[i]["ok"]:
-                continue
-            error = results[i]["error"] if i < len(results) else "(not run: the runner died)"
-            failures.append(f"job {i + 1}: mergekit-yaml {' '.join(args)}\nconfig:\n"
-                            f"{configs[i].read_text(encoding='utf-8')}\n{_tail(error)}")
-        if failures or proc.returncode != 0:
-            raise MergekitError(
-                f"mergekit batch failed (exit status {proc.returncode}); "
-                f"{len(failures)} of {len(argv)} jobs failed\n" + "\n\n".join(failures)
-                + f"\nstderr:\n{_tail(proc.stderr)}")
+            entries.append(([str(cfg), str(out_dir), *map(str, extra_args)], cfg))
+        _run_runner(entries, tmp_path, timeout)
     return [Path(out) for _, out in jobs]
+
+
+def run_mergekit_multi(
+    recipe: str | os.PathLike | Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    intermediate_dir: str | os.PathLike,
+    *,
+    extra_args: Sequence[str] = (),
+    timeout: float | None = 3600,
+) -> Path:
+    """Run ``mergekit-multi RECIPE --out-path OUT_DIR -I INTERMEDIATE_DIR`` (mergekit's
+    multi-stage command) in a subprocess, offline on the CPU. ``recipe`` is a YAML file or a
+    list of documents (dicts, written with ``---`` between them). Returns ``out_dir``."""
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="mergekit-multi-") as tmp:
+        tmp_path = Path(tmp)
+        if isinstance(recipe, (str, os.PathLike)):
+            cfg = Path(recipe).resolve()
+        else:
+            cfg = tmp_path / "recipe.yml"
+            cfg.write_text(yaml.safe_dump_all([_plain(d) for d in recipe], sort_keys=False),
+                           encoding="utf-8")
+        args = [str(cfg), "--out-path", str(out_dir), "-I", str(intermediate_dir),
+                *map(str, extra_args)]
+        _run_runner([({"command": "mergekit-multi", "args": args}, cfg)], tmp_path, timeout)
+    return Path(out_dir)
+
+
+def _run_runner(entries: list[tuple[Any, Path]], tmp_path: Path, timeout: float | None) -> None:
+    """Run ``_mergekit_runner.py`` on ``(job, config file)`` entries; raise on any failure."""
+    if not entries:
+        return
+    jobs_file, results_file = tmp_path / "jobs.json", tmp_path / "results.json"
+    jobs_file.write_text(json.dumps([job for job, _ in entries]), encoding="utf-8")
+    cmd = [sys.executable, str(_RUNNER), str(jobs_file), str(results_file)]
+    proc = subprocess.run(cmd, env=mergekit_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    results = (json.loads(results_file.read_text(encoding="utf-8"))
+               if results_file.exists() else [])
+    failures = []
+    for i, (job, cfg) in enumerate(entries):
+        if i < len(results) and results[i]["ok"]:
+            continue
+        error = results[i]["error"] if i < len(results) else "(not run: the runner died)"
+        name, args = ((job["command"], job["args"]) if isinstance(job, dict)
+                      else ("mergekit-yaml", job))
+        failures.append(f"job {i + 1}: {name} {' '.join(args)}\nconfig:\n"
+                        f"{cfg.read_text(encoding='utf-8')}\n{_tail(error)}")
+    if failures or proc.returncode != 0:
+        raise MergekitError(
+            f"mergekit batch failed (exit status {proc.returncode}); "
+            f"{len(failures)} of {len(entries)} jobs failed\n" + "\n\n".join(failures)
+            + f"\nstderr:\n{_tail(proc.stderr)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""``mergecore merge RECIPE OUT_DIR`` for a multi-stage recipe: one fused streaming pass.
+
+Order of work, as for a single merge: parse every document, open every input's headers,
+plan every stage and fuse the graphs (all problems listed at once); prepare the output
+directories; stream every fused tensor through the pipeline (each input tensor read once,
+intermediate tensors only in memory); write the side files and finalize. With
+``--keep-intermediates DIR`` each stage's model is also written to ``DIR/<name>`` in the
+normal output layout, from the same pass. On an error every output is removed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from mergecore.io import StreamingWriter, TensorReader, plan_shards
+from mergecore.merge import (
+    MergeOptions,
+    MergeResult,
+    _prepare_out_dir,
+    _Progress,
+    describe_plan,
+    write_side_files,
+)
+from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats
+from mergecore.recipes.graph import RecipePlan, Stage, load_recipe
+from mergecore.units import human_bytes
+
+
+class RoutingWriter:
+    """Sends ``write(name, data)`` to the final output's writer and ``write((stage, name),
+    data)`` to that stage's writer (``--keep-intermediates``)."""
+
+    def __init__(self, final: StreamingWriter, stages: dict[str, StreamingWriter]):
+        self.final = final
+        self.stages = stages
+
+    def write(self, key: str | tuple[str, str], data) -> None:
+        if isinstance(key, tuple):
+            self.stages[key[0]].write(key[1], data)
+        else:
+            self.final.write(key, data)
+
+    def abort(self) -> None:
+        for w in [self.final, *self.stages.values()]:
+            w.abort()
+
+
+def describe_recipe(recipe: RecipePlan, options: MergeOptions, *, verbose: int = 0) -> str:
+    """The recipe as text: each stage, then the final output's plan and the fused totals."""
+    lines = [f"multi-stage recipe: {len(recipe.stages)} stages, fused into one pass"]
+    for s in recipe.stages:
+        p = s.plan
+        lines.append(f"stage {s.title} ({s.label}): {p.method} of {', '.join(p.models)}"
+                     f"{f' (base {p.base_model})' if p.base_model else ''}; "
+                     f"{len(p.tensors)} tensors, {p.num_layers} layers")
+    lines.append("final output:")
+    lines += ["  " + line for line in describe_plan(recipe.final.plan, options).splitlines()
+              if not line.startswith("read:")]
+    inter = sum(n.out_nbytes for t in recipe.tensors for n in t.nodes) - sum(
+        t.byte_counts()[1] for t in recipe.tensors)
+    kept = (f"written to {options.keep_intermediates}" if options.keep_intermediates
+            else "kept in memory only")
+    lines.append(f"fused pass: read {human_bytes(recipe.total_input_bytes)} (each input "
+                 f"tensor once), write {human_bytes(recipe.total_output_bytes)}; intermediate "
+                 f"tensors ({human_bytes(inter)}) {kept}")
+    lines += [f"warning: {w}" for w in recipe.warnings]
+    if verbose:
+        for t in recipe.tensors:
+            lines.append(f"  {t.name} {list(t.shape)} {t.out_dtype} <- {t.expression()}")
+    return "\n".join(lines)
+
+
+def _tokenizer_dir(stage: Stage, by_name: dict[str, Stage]) -> Path | None:
+    """Where a stage's tokenizer comes from; a stage used as the donor hands down its own."""
+    path = stage.plan.tokenizer_path
+    seen: set[str] = set()
+    while path in by_name and path not in seen:
+        seen.add(path)
+        path = by_name[path].plan.tokenizer_path
+    return Path(path) if path else None
+
+
+def _writer(out_dir: Path, plan, options: MergeOptions) -> StreamingWriter:
+    entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors]
+    return StreamingWriter(out_dir, plan_shards(entries, options.out_shard_size))
+
+
+def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
+               options: MergeOptions | None = None) -> MergeResult:
+    """Plan and run a multi-stage recipe into ``out_dir`` (see the module docstring)."""
+    options = options or MergeOptions()
+    out_dir = Path(out_dir)
+    text = Path(config_path).read_text(encoding="utf-8")
+    keep = Path(options.keep_intermediates) if options.keep_intermediates else None
+    recipe = load_recipe(config_path, random_seed=options.random_seed,
+                         allow_crimes=options.allow_crimes, keep_intermediates=keep is not None)
+    if options.dry_run:
+        print(describe_recipe(recipe, options, verbose=options.verbose))
+        return MergeResult(out_dir, [], PipelineStats(), recipe)
+    if options.num_threads:
+        os.environ["MERGECORE_NUM_THREADS"] = str(options.num_threads)
+    inter = recipe.stages[:-1] if keep is not None else []
+    for d in [out_dir, *(keep / s.title for s in inter)]:
+        _prepare_out_dir(d, options.overwrite)
+    docs = list(yaml.safe_load_all(text))
+    by_name = {s.name: s for s in recipe.stages if s.name is not None}
+    progress = _Progress(recipe.total_input_bytes, options.quiet)
+    writers = {s.title: _writer(keep / s.title, s.plan, options) for s in inter}
+    router = RoutingWriter(_writer(out_dir, recipe.final.plan, options), writers)
+    pipe_options = PipelineOptions(device=options.device, max_memory=options.max_memory,
+                                   random_seed=options.random_seed, progress=progress)
+    try:
+        with TensorReader(nthreads=2, drop_cache=True) as reader:
+            try:
+                stats = MergePipeline(recipe, reader, router, pipe_options).run()
+                for s in inter:
+                    write_side_files(keep / s.title, s.plan, options,
+                                     yaml_text=yaml.safe_dump(docs[s.index], sort_keys=False),
+                                     tokenizer_source=_tokenizer_dir(s, by_name))
+                    writers[s.title].finalize()
+                write_side_files(out_dir, recipe.final.plan, options, yaml_text=text,
+                                 tokenizer_source=_tokenizer_dir(recipe.final, by_name))
+                files = router.final.finalize()
+            except BaseException:
+                router.abort()
+                raise
+    finally:
+        progress.close()
+    stats.extra["stages"] = len(recipe.stages)
+    return MergeResult(out_dir, files, stats, recipe)
