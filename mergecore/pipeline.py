@@ -28,6 +28,7 @@ from mergecore.budget import ByteBudget
 from mergecore.dtypes import parse_dtype
 from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
 from mergecore.ops import make_job, merge_many
+from mergecore.plan import distinct_input_bytes
 
 _DONE = object()
 
@@ -75,13 +76,7 @@ class _Item:
 def _item_bytes(planned) -> tuple[int, int]:
     if hasattr(planned, "byte_counts"):  # a fused multi-stage item (mergecore.recipes)
         return planned.byte_counts()
-    seen: set[tuple] = set()
-    in_bytes = 0
-    for inp in planned.inputs:
-        key = (str(inp.info.file), inp.info.data_start)
-        if key not in seen:
-            seen.add(key)
-            in_bytes += inp.info.nbytes
+    in_bytes = distinct_input_bytes(planned.inputs)
     out_bytes = SAFETENSORS_DTYPES[planned.out_dtype][1]
     for s in planned.shape:
         out_bytes *= s

@@ -176,6 +176,18 @@ class MergePlan:
         raise KeyError(name)
 
 
+def distinct_input_bytes(inputs: list[PlannedInput]) -> int:
+    """Bytes to read for ``inputs``: each distinct stored tensor (file, offset) once."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for inp in inputs:
+        key = (str(inp.info.file), inp.info.data_start)
+        if key not in seen:
+            seen.add(key)
+            total += inp.info.nbytes
+    return total
+
+
 # ----- internal structures -------------------------------------------------------------------
 
 
@@ -665,4 +677,5 @@ __all__ = [
     "PlannedInput",
     "PlannedTensor",
     "build_plan",
+    "distinct_input_bytes",
 ]

@@ -33,7 +33,13 @@ from mergecore.config.errors import ConfigError, Problems
 from mergecore.config.load import open_checkpoints
 from mergecore.config.schema import MergeConfig, ModelRef, load_config, stage_dependencies
 from mergecore.io.types import Checkpoint, TensorInfo
-from mergecore.plan import MergePlan, PlannedInput, PlannedTensor, build_plan
+from mergecore.plan import (
+    MergePlan,
+    PlannedInput,
+    PlannedTensor,
+    build_plan,
+    distinct_input_bytes,
+)
 
 #: The root of the made-up file paths of virtual (intermediate) checkpoints.
 STAGE_FILE_ROOT = Path("<mergecore-stage>")
@@ -109,13 +115,7 @@ class FusedTensor:
 
     def byte_counts(self) -> tuple[int, int]:
         """(bytes held until computed: leaves + unwritten intermediates, bytes written)."""
-        seen: set[tuple[str, int]] = set()
-        held = 0
-        for inp in self.inputs:
-            key = (str(inp.info.file), inp.info.data_start)
-            if key not in seen:
-                seen.add(key)
-                held += inp.info.nbytes
+        held = distinct_input_bytes(self.inputs)
         written_nodes = {k for _, k in self.outputs}
         held += sum(n.out_nbytes for k, n in enumerate(self.nodes) if k not in written_nodes)
         written = sum(self.nodes[k].out_nbytes for _, k in self.outputs)
@@ -165,15 +165,7 @@ class RecipePlan:
     @property
     def total_input_bytes(self) -> int:
         """Bytes of original input tensors read (each distinct tensor once per item)."""
-        total = 0
-        for t in self.tensors:
-            seen: set[tuple[str, int]] = set()
-            for inp in t.inputs:
-                key = (str(inp.info.file), inp.info.data_start)
-                if key not in seen:
-                    seen.add(key)
-                    total += inp.info.nbytes
-        return total
+        return sum(distinct_input_bytes(t.inputs) for t in self.tensors)
 
     @property
     def total_output_bytes(self) -> int:
