@@ -20,7 +20,11 @@ from mergecore.io import open_checkpoint
 from mergecore.merge import MergeOptions, run_merge
 from mergecore.recipes import load_recipe
 from mergecore.synthetic import make_family
-from mergecore.testing.mergekit_harness import compare_outputs, load_state, run_mergekit_multi
+from mergecore.testing.mergekit_harness import (
+    compare_outputs,
+    load_state,
+    run_mergekit_multi_batch,
+)
 
 LAYERS = 4
 DTYPES = {"dtype": "float32", "out_dtype": "bfloat16"}
@@ -172,11 +176,18 @@ def test_kept_intermediates_equal_the_stage_outputs(runs, key):
     assert not (r["work"] / "kept" / "final").exists()
 
 
+@pytest.fixture(scope="module")
+def mergekit_multi(runs) -> dict[str, Path]:
+    """mergekit-multi's output for each recipe of MERGEKIT_SHARE (one subprocess for all)."""
+    jobs = [(runs[k]["docs"], runs[k]["work"] / "mk", runs[k]["work"] / "mk-inter")
+            for k in MERGEKIT_SHARE]
+    return dict(zip(MERGEKIT_SHARE, run_mergekit_multi_batch(jobs)))
+
+
 @pytest.mark.parametrize("key", list(MERGEKIT_SHARE))
-def test_matches_mergekit_multi(runs, key):
+def test_matches_mergekit_multi(runs, mergekit_multi, key):
     r = runs[key]
-    theirs_dir = run_mergekit_multi(r["docs"], r["work"] / "mk", r["work"] / "mk-inter")
-    ours, theirs = load_state(r["work"] / "fused-plain"), load_state(theirs_dir)
+    ours, theirs = load_state(r["work"] / "fused-plain"), load_state(mergekit_multi[key])
     # mergekit drops the int64 buffer its architecture table does not name; mergecore keeps it
     ours = {k: v for k, v in ours.items() if k in theirs or v.is_floating_point()}
     compare_outputs(ours, theirs, min_within_1ulp=MERGEKIT_SHARE[key])
@@ -228,12 +239,13 @@ def test_problems_name_the_document_before_anything_is_read(family, tmp_path):
     base, ft1, ft2 = family
     docs = lzlv_recipe(base, ft1, ft2)
     docs[1]["slices"][0]["sources"][1]["model"] = "comp9"  # no such stage or directory
-    docs[2]["models"][1]["model"] = "comp2"
+    docs[0]["slices"][0]["sources"][1]["model"] = f"{ft1}+{tmp_path / 'no-adapter'}"
     recipe = write_recipe(tmp_path / "bad.yml", docs)
     with pytest.raises(ConfigError) as info:
         run_merge(recipe, tmp_path / "out", MergeOptions(quiet=True))
     msg = str(info.value)
     assert "document 2 (name: comp2)" in msg and "comp9" in msg and "stages: comp1, comp2" in msg
+    assert "document 1 (name: comp1)" in msg and "no-adapter" in msg
     assert str(recipe) in msg
     assert not (tmp_path / "out").exists()
 

@@ -256,11 +256,14 @@ class _StagePlanner:
                 hint = (" (no stage of this recipe has that name; stages: "
                         + ", ".join(sorted(self.names)) + ")") if self.names else ""
             self.problems.add(label, line + hint)
-        for r in refs:  # adapters of models opened for an earlier document
-            if r.adapter is not None and not Path(r.adapter).expanduser().exists():
+        ok = not local
+        for r in refs:  # adapters on models already opened for an earlier document
+            if (r not in todo and r.adapter is not None
+                    and not Path(r.adapter).expanduser().exists()):
                 self.problems.add(label, f"model {r.ref!r}: LoRA adapter path {r.adapter!r} "
                                   "does not exist")
-        return not local
+                ok = False
+        return ok
 
     def plan(self, cfg: MergeConfig, plans: Mapping[str, MergePlan],
              final: bool) -> MergePlan | None:

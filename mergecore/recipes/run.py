@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from mergecore.heap import release_freed_memory_promptly
 from mergecore.io import StreamingWriter, TensorReader, plan_shards
 from mergecore.merge import (
     MergeOptions,
@@ -102,6 +103,7 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
         return MergeResult(out_dir, [], PipelineStats(), recipe)
     if options.num_threads:
         os.environ["MERGECORE_NUM_THREADS"] = str(options.num_threads)
+    release_freed_memory_promptly()  # keeps the resident size near the budget
     inter = recipe.stages[:-1] if keep is not None else []
     for d in [out_dir, *(keep / s.title for s in inter)]:
         _prepare_out_dir(d, options.overwrite)

@@ -13,6 +13,7 @@ from mergecore.testing.mergekit_harness import (
     mergekit_env,
     run_mergekit_batch,
     run_mergekit_multi,
+    run_mergekit_multi_batch,
     run_mergekit_yaml,
     ulp_diff,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "mergekit_env",
     "run_mergekit_batch",
     "run_mergekit_multi",
+    "run_mergekit_multi_batch",
     "run_mergekit_yaml",
     "ulp_diff",
 ]

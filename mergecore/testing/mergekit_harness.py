@@ -35,6 +35,7 @@ __all__ = [
     "mergekit_env",
     "run_mergekit_batch",
     "run_mergekit_multi",
+    "run_mergekit_multi_batch",
     "run_mergekit_yaml",
     "ulp_diff",
 ]
@@ -162,20 +163,37 @@ def run_mergekit_multi(
     """Run ``mergekit-multi RECIPE --out-path OUT_DIR -I INTERMEDIATE_DIR`` (mergekit's
     multi-stage command) in a subprocess, offline on the CPU. ``recipe`` is a YAML file or a
     list of documents (dicts, written with ``---`` between them). Returns ``out_dir``."""
+    return run_mergekit_multi_batch([(recipe, out_dir, intermediate_dir)],
+                                    extra_args=extra_args, timeout=timeout)[0]
+
+
+def run_mergekit_multi_batch(
+    jobs: Iterable[tuple[str | os.PathLike | Sequence[Mapping[str, Any]], str | os.PathLike,
+                         str | os.PathLike]],
+    *,
+    extra_args: Sequence[str] = (),
+    timeout: float | None = 3600,
+) -> list[Path]:
+    """Several ``(recipe, out_dir, intermediate_dir)`` runs of :func:`run_mergekit_multi` in
+    ONE subprocess (mergekit's import is shared). Returns the output directories."""
     import yaml
 
+    jobs = list(jobs)
     with tempfile.TemporaryDirectory(prefix="mergekit-multi-") as tmp:
         tmp_path = Path(tmp)
-        if isinstance(recipe, (str, os.PathLike)):
-            cfg = Path(recipe).resolve()
-        else:
-            cfg = tmp_path / "recipe.yml"
-            cfg.write_text(yaml.safe_dump_all([_plain(d) for d in recipe], sort_keys=False),
-                           encoding="utf-8")
-        args = [str(cfg), "--out-path", str(out_dir), "-I", str(intermediate_dir),
-                *map(str, extra_args)]
-        _run_runner([({"command": "mergekit-multi", "args": args}, cfg)], tmp_path, timeout)
-    return Path(out_dir)
+        entries = []
+        for i, (recipe, out_dir, intermediate_dir) in enumerate(jobs):
+            if isinstance(recipe, (str, os.PathLike)):
+                cfg = Path(recipe).resolve()
+            else:
+                cfg = tmp_path / f"recipe{i}.yml"
+                cfg.write_text(yaml.safe_dump_all([_plain(d) for d in recipe], sort_keys=False),
+                               encoding="utf-8")
+            args = [str(cfg), "--out-path", str(out_dir), "-I", str(intermediate_dir),
+                    *map(str, extra_args)]
+            entries.append(({"command": "mergekit-multi", "args": args}, cfg))
+        _run_runner(entries, tmp_path, timeout)
+    return [Path(out) for _, out, _ in jobs]
 
 
 def _run_runner(entries: list[tuple[Any, Path]], tmp_path: Path, timeout: float | None) -> None:
