@@ -2,14 +2,14 @@
 
     python -m bench.integrations [--params 1b] [--layers 8] [--device cpu|cuda] [--skip-cli]
 
-Part 1 (in memory): a LLaMA-shaped family (base + 2 fine-tunes, bf16, ``--params``/``--layers``
+Part 2 (in memory): a LLaMA-shaped family (base + 2 fine-tunes, bf16, ``--params``/``--layers``
 as in ``mergecore.synthetic.llama_tensor_specs``) is built in memory on ``--device``; then
 ``mergekit.merge_methods.merge_state_dicts(models, method, base=0, parameters=TIES)`` runs once
 with ``mergekit.merge_methods.get("ties")`` and once with
 ``mergecore.integrations.mergekit.method("ties")``, in the same process, and the outputs are
 compared by merge-math.md's rule (share of elements within 1 ulp, >= 95% for TIES).
 
-Part 2 (end to end): the same shape family is written to disk (``make_bench_family``) and the
+Part 1 (end to end): the same shape family is written to disk (``make_bench_family``) and the
 same YAML runs through ``mergekit-yaml``, ``mergecore mergekit-yaml`` (mergekit's CLI with
 mergecore's methods) and ``mergecore merge`` (mergecore's own pipeline), each in its own
 process, timed with peak RSS (``bench.e2e.run_measured``), with the input pages dropped from
@@ -170,8 +170,8 @@ def main(argv=None) -> int:
               "device_name": device_name(args.device), "commit": git_commit(),
               "threads": torch.get_num_threads()}
     rows = []
-    if not args.skip_memory:
-        rows += in_memory(args, common)
+    # The CLI part runs first: a child's peak RSS (from wait4) includes the RSS of this process
+    # at fork time, which the in-memory family would inflate.
     if not args.skip_cli:
         work = Path(args.dir or tempfile.mkdtemp(prefix="mergecore-bench-int-"))
         try:
@@ -179,6 +179,8 @@ def main(argv=None) -> int:
         finally:
             if not args.dir:
                 shutil.rmtree(work, ignore_errors=True)
+    if not args.skip_memory:
+        rows += in_memory(args, common)
     print(f"\n{common['device_name']}  commit {common['commit']}  {args.params} "
           f"layers={args.layers}")
     print_table(rows, ["part", "impl", "seconds", "input_gbps", "speedup_vs_mergekit",
