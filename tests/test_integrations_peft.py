@@ -173,3 +173,27 @@ def test_add_weighted_adapter_dare_uses_mergecore_stream():
         merged.append(_adapter_state(model, f"dare{run}"))
     for key, value in merged[0].items():
         assert torch.equal(value, merged[1][key.replace("dare0", "dare1")])
+
+
+def test_clear_error_without_peft():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name == "peft" or name.startswith("peft."):
+                    raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+        sys.meta_path.insert(0, Blocker())
+        import mergecore
+        from mergecore.integrations import MissingIntegrationError
+        try:
+            import mergecore.integrations.peft
+        except MissingIntegrationError as exc:
+            print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert "mergecore.integrations.peft needs peft >=0.10,<1.0" in proc.stdout
