@@ -276,3 +276,18 @@ def test_clear_error_without_mergekit():
     assert proc.returncode == 1, proc.stderr
     for text in (proc.stdout, proc.stderr):
         assert "needs mergekit >=0.1.5,<0.2" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ELEMENTWISE + SPARSE)
+def test_cuda_tensors_run_on_the_gpu_with_parity(method):
+    n_models = 2 if method == "slerp" else 3
+    tensors = [t.cuda() for t in _family((257, 129), torch.bfloat16, n_models)]
+    params = _params(method, n_models)
+    kwargs = {"parameters": params, "name": "t", "base_index": None if method == "linear" else 0}
+    theirs = merge_tensors(tensors, get(method), **kwargs)
+    ours = merge_tensors(tensors, mc.method(method), **kwargs)
+    assert ours.device.type == "cuda"
+    share = _agreement(ours.cpu(), theirs.cpu(), _terms(method, [t.cpu() for t in tensors], params),
+                       torch.bfloat16, method)
+    assert share >= _required(method), (method, share)
