@@ -2,19 +2,20 @@
 
     python -m bench.integrations [--params 1b] [--layers 8] [--device cpu|cuda] [--skip-cli]
 
-Part 2 (in memory): a LLaMA-shaped family (base + 2 fine-tunes, bf16, ``--params``/``--layers``
-as in ``mergecore.synthetic.llama_tensor_specs``) is built in memory on ``--device``; then
+Part 1 (end to end): a LLaMA-shaped family (base + 2 fine-tunes, bf16, ``--params``/``--layers``
+as in ``mergecore.synthetic.llama_tensor_specs``) is written to disk (``make_bench_family``);
+one TIES YAML runs through ``mergekit-yaml``, ``mergecore mergekit-yaml`` (mergekit's CLI with
+mergecore's methods) and ``mergecore merge`` (mergecore's own pipeline), each in its own
+process, timed with peak RSS (``bench.e2e.run_measured``), with the input pages dropped from
+the page cache before each run.
+
+Part 2 (in memory): a family of the same shape is built in memory on ``--device``; then
 ``mergekit.merge_methods.merge_state_dicts(models, method, base=0, parameters=TIES)`` runs once
 with ``mergekit.merge_methods.get("ties")`` and once with
 ``mergecore.integrations.mergekit.method("ties")``, in the same process, and the outputs are
 compared by merge-math.md's rule (share of elements within 1 ulp, >= 95% for TIES).
 
-Part 1 (end to end): the same shape family is written to disk (``make_bench_family``) and the
-same YAML runs through ``mergekit-yaml``, ``mergecore mergekit-yaml`` (mergekit's CLI with
-mergecore's methods) and ``mergecore merge`` (mergecore's own pipeline), each in its own
-process, timed with peak RSS (``bench.e2e.run_measured``), with the input pages dropped from
-the page cache before each run. Results: a table and JSON lines appended to
-bench/results/integrations.jsonl.
+Results: a table and JSON lines appended to bench/results/integrations.jsonl.
 """
 
 from __future__ import annotations
