@@ -29,6 +29,7 @@ from mergecore.dtypes import parse_dtype
 from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
 from mergecore.lora.inputs import PlanAdapters, apply_updates, updates_to
 from mergecore.ops import make_job, merge_many
+from mergecore.vocab_tail import join_tail, split_tail
 
 _DONE = object()
 
@@ -219,7 +220,7 @@ class MergePipeline:
 
     def _compute_batch(self, items: list[_Item]) -> None:
         start = time.perf_counter()
-        jobs, job_items, results = [], [], {}
+        jobs, job_items, results, tails = [], [], {}, {}
         for k, item in enumerate(items):
             if item.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(item.ready)
@@ -228,11 +229,12 @@ class MergePipeline:
                 src = item.inputs[0]
                 results[k] = src.to(SAFETENSORS_DTYPES[item.planned.out_dtype][0])
             else:
+                item.inputs, tails[k] = split_tail(item.planned, item.inputs)
                 jobs.append(self._job(item))
                 job_items.append(k)
         if jobs:
             for k, out in zip(job_items, merge_many(jobs)):
-                results[k] = out
+                results[k] = join_tail(out, tails[k])
         for k, item in enumerate(items):
             out = results[k]
             event = None
