@@ -155,6 +155,7 @@ class MergePipeline:
             item = _Item(planned, inputs, in_bytes, out_bytes, extra_bytes=extra)
             if self._adapters is not None:
                 item.lora = self._adapters.updates(planned)
+                self.stats.bytes_read += sum(u.nbytes for u in item.lora or () if u)
             if self._cuda:
                 with torch.cuda.stream(self._copy_stream):
                     item.inputs = [t.to(self.device, non_blocking=True) for t in inputs]

@@ -38,10 +38,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lora")
     base, ft1, ft2 = make_family(root / "llama", n_models=3, layers=2, hidden=32, vocab=128,
                                  dtype="bfloat16", seed=3)
+    (fp32,) = make_family(root / "llama32", n_models=1, layers=2, hidden=32, vocab=128,
+                          dtype="float32", seed=7)
     (gpt2,) = make_family(root / "gpt2", arch="gpt2", n_models=1, layers=2, hidden=32,
                           vocab=128, dtype="bfloat16", seed=4)
     return {
-        "base": base, "ft1": ft1, "ft2": ft2, "gpt2": gpt2,
+        "base": base, "ft1": ft1, "ft2": ft2, "gpt2": gpt2, "fp32": fp32,
+        "full32": make_lora_adapter(fp32, root / "ad-full32", **LLAMA_FULL),
         "plain": make_lora_adapter(base, root / "ad-plain", seed=2),
         "full": make_lora_adapter(base, root / "ad-full", **LLAMA_FULL),
         "rslora": make_lora_adapter(base, root / "ad-rslora", r=8, alpha=4, use_rslora=True,
@@ -85,6 +88,42 @@ def test_apply_lora_matches_peft_merge_and_unload(models, model, adapter):
         changed += not torch.equal(ours[name], tensor)
     with LoraAdapter(models[adapter]) as ad:
         assert changed == len(ad.edits) > 0  # every targeted tensor really changed
+
+
+def test_fp32_model_gets_the_bits_of_peft_merge_and_unload(models):
+    """In float32 PEFT adds ``(B @ A) * s`` to ``W`` with the same float32 operations in the
+    same order, so the results are identical, not merely close."""
+    state = load_state(models["fp32"])
+    ours = apply_lora(state, models["full32"])
+    theirs = peft_merged(models["fp32"], models["full32"])
+    for name in state:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_lora_bias_and_saved_biases_match_peft(models, tmp_path):
+    """``lora_bias`` (a bias on B, added as ``s * b``) and ``bias: lora_only`` (the targeted
+    layers' biases saved in the adapter, replacing the base's), on GPT-2 Conv1D layers."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(models["gpt2"])
+    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["c_attn", "c_fc"],
+                          fan_in_fan_out=True, lora_bias=True, bias="lora_only")
+    pm = peft.get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(p + 0.02 * torch.randn(p.shape, generator=gen))
+    pm.save_pretrained(tmp_path / "ad")
+    state = load_state(models["gpt2"])
+    ours = apply_lora(state, tmp_path / "ad")
+    ref64 = peft_merged(models["gpt2"], tmp_path / "ad", torch.float64)
+    with LoraAdapter(tmp_path / "ad") as ad:
+        assert ad.edits["transformer.h.0.attn.c_attn.bias"].bias is not None
+        assert ad.edits["transformer.h.0.attn.c_attn.bias"].replace is not None
+    for name in state:
+        if name in ref64:
+            assert_lora_tolerance(ours[name], ref64[name].to(state[name].dtype), name)
+    assert not torch.equal(ours["transformer.h.1.mlp.c_fc.bias"],
+                           state["transformer.h.1.mlp.c_fc.bias"])
 
 
 def test_full_adapter_covers_patterns_embedding_and_modules_to_save(models):
