@@ -289,3 +289,26 @@ def test_cli_refuses_a_bad_adapter_and_writes_nothing(models, tmp_path):
     assert proc.returncode == 1
     assert "use_dora" in proc.stderr and str(bad) in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_on_a_model_with_a_larger_vocabulary(models, tmp_path):
+    """The update is cut to the common rows in a mergekit-style merge, and kept whole where a
+    BlockMerge document keeps model 1's vocabulary."""
+    big, small = make_family(tmp_path / "fam", n_models=2, layers=2, hidden=32,
+                             vocab_sizes=[136, 128], dtype="float32", seed=8)
+    ad = make_lora_adapter(big, tmp_path / "ad", **LLAMA_FULL)
+    with_ad = apply_lora(load_state(big), ad)
+    other = load_state(small)
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": f"{big}+{ad}", "parameters": {"weight": 0.5}},
+                      {"model": str(small), "parameters": {"weight": 0.5}}]}
+    out = load_state(_merge(cfg, tmp_path / "common", tmp_path / "a.yml"))
+    blend = {"model_path1": f"{big}+{ad}", "model_path2": str(small), "out_dtype": "float32",
+             "operations": [{"operation": "all", "gradient_values": [0.5]}]}
+    kept = load_state(_merge(blend, tmp_path / "first", tmp_path / "b.yml"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        n = other[name].shape[0]
+        expect = ((with_ad[name][:n].double() + other[name].double()) / 2).float()
+        assert out[name].shape[0] == n and ulp_diff(out[name], expect).max() <= 1, name
+        assert kept[name].shape[0] == 136 and ulp_diff(kept[name][:n], expect).max() <= 1
+        assert torch.equal(kept[name][n:], with_ad[name][n:]), name
