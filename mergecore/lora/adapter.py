@@ -176,7 +176,8 @@ class LoraAdapter:
         self.path = Path(path).expanduser()
         self.where = f"LoRA adapter {str(path)!r}"
         if not self.path.is_dir():
-            raise AdapterError(f"{self.where}: no such directory")
+            raise AdapterError(f"{self.where}: " + ("not a directory (a PEFT adapter is a "
+                               "directory)" if self.path.exists() else "no such directory"))
         cfg = self.path / CONFIG_FILE
         if not cfg.is_file():
             raise AdapterError(f"{self.where}: {CONFIG_FILE} is missing (not a PEFT adapter "
