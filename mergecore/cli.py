@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -89,12 +90,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             f"merged {s.tensors} tensors in {s.wall:.2f} s: read {human_bytes(s.bytes_read)}, "
             f"wrote {human_bytes(s.bytes_written)} ({rate:.2f} GB/s input) -> {args.out_dir}"
         )
+        if args.verbose:
+            print(f"stage busy time: read {s.read_busy:.2f} s, compute {s.compute_busy:.2f} s, "
+                  f"write {s.write_busy:.2f} s (wall {s.wall:.2f} s); "
+                  f"peak bytes in flight {human_bytes(s.peak_budget_bytes)}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mergecore.demo import run_demo
 
+    for module in ("transformers", "peft"):
+        if importlib.util.find_spec(module) is None:
+            raise SystemExit(f"mergecore demo needs {module!r} to generate and load its example "
+                             "models: pip install 'mergecore[demo]' (or pip install -e '.[demo]')")
     return run_demo(args.dir, quiet=args.quiet)
 
 
