@@ -26,6 +26,7 @@ from mergecore.testing.mergekit_harness import load_state, ulp_diff
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 LLAMA_FULL = {"r": 4, "alpha": 8,
               "target_modules": ("q_proj", "v_proj", "down_proj", "embed_tokens"),
@@ -212,6 +213,22 @@ def test_same_model_with_and_without_adapter_in_one_linear_merge(models, tmp_pat
     for name, w in state.items():
         expect = ((w.double() + with_ad[name].double()) / 2).float()
         assert ulp_diff(out[name], expect).max() <= 1, name
+
+
+@requires_cuda
+def test_adapter_input_on_cuda_matches_cpu(models, tmp_path):
+    """On the GPU the update is computed on the device (after the copy of its factors)."""
+    cfg = {"merge_method": "linear", "dtype": "float32", "out_dtype": "bfloat16",
+           "models": [{"model": f"{models['base']}+{models['full']}",
+                       "parameters": {"weight": 0.6}},
+                      {"model": str(models["ft2"]), "parameters": {"weight": 0.4}}]}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_merge(path, tmp_path / "cpu", MergeOptions(quiet=True))
+    run_merge(path, tmp_path / "cuda", MergeOptions(quiet=True, device="cuda"))
+    cpu, gpu = load_state(tmp_path / "cpu"), load_state(tmp_path / "cuda")
+    for name in cpu:
+        assert_lora_tolerance(gpu[name], cpu[name], name)
 
 
 # ----- validation -------------------------------------------------------------------------------
