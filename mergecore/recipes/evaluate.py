@@ -17,6 +17,7 @@ from mergecore.methods import MergeJob
 from mergecore.ops import merge_many
 from mergecore.plan import PlannedTensor
 from mergecore.recipes.graph import FusedTensor, NodeArg
+from mergecore.vocab_tail import join_tail, split_tail
 
 #: ``(planned, input tensors, seed) -> MergeJob``: how one stage tensor becomes a kernel job
 #: (the pipeline's own rule, so that a fused node computes what a plain merge computes).
@@ -43,7 +44,7 @@ def evaluate_fused(items: Sequence[tuple[FusedTensor, Sequence[torch.Tensor]]],
     depth = max((n.depth for ft, _ in items for n in ft.nodes), default=0)
     for level in range(1, depth + 1):
         jobs: list[MergeJob] = []
-        where: list[tuple[int, int]] = []
+        where: list[tuple[int, int, torch.Tensor | None]] = []
         for i, (ft, leaves) in enumerate(items):
             for k, node in enumerate(ft.nodes):
                 if node.depth != level:
@@ -52,11 +53,12 @@ def evaluate_fused(items: Sequence[tuple[FusedTensor, Sequence[torch.Tensor]]],
                 if node.planned.method == "copy":
                     results[i][k] = args[0].to(SAFETENSORS_DTYPES[node.planned.out_dtype][0])
                 else:
+                    args, tail = split_tail(node.planned, args)
                     jobs.append(job_for(node.planned, args, node.seed))
-                    where.append((i, k))
+                    where.append((i, k, tail))
         if jobs:
-            for (i, k), out in zip(where, merge_many(jobs)):
-                results[i][k] = out
+            for (i, k, tail), out in zip(where, merge_many(jobs)):
+                results[i][k] = join_tail(out, tail)
     out: list[list[Written]] = []
     for i, (ft, _) in enumerate(items):
         out.append([(ft.write_key(dest, k), results[i][k], ft.nodes[k].out_nbytes)
