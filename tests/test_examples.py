@@ -1,6 +1,6 @@
 """The example recipes in examples/: with their `/path/to/...` placeholders replaced by small
-generated checkpoints (and LoRA adapters), they parse and plan; lzlv-70b.yml runs end to end
-and its output loads with transformers."""
+generated checkpoints (and LoRA adapters), they parse, plan and run end to end; the lzlv
+output loads with transformers."""
 
 from __future__ import annotations
 
@@ -81,3 +81,5 @@ def test_stheno_example_parses_and_plans(tmp_path):
         raise
     plan = load_recipe(recipe)
     assert [s.name for s in plan.stages] == ["stheno-p1", "stheno-p2", None]
+    assert mergecore_main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
+    assert set(load_state(tmp_path / "out")) == set(load_state(models[0]))

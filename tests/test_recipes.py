@@ -30,7 +30,7 @@ LAYERS = 4
 DTYPES = {"dtype": "float32", "out_dtype": "bfloat16"}
 
 
-def lzlv_recipe(a: str, b: str, c: str) -> list[dict]:
+def lzlv_recipe(a: str, b: str, c: str, adapter: str | None = None) -> list[dict]:
     """The lzlv_70B shape: SLERP gradients A x B and B x C, then SLERP of the two."""
     def component(name, x, y, t):
         return {"name": name, "merge_method": "slerp", "base_model": x, **DTYPES,
@@ -43,7 +43,7 @@ def lzlv_recipe(a: str, b: str, c: str) -> list[dict]:
              "models": [{"model": "comp1"}, {"model": "comp2"}], "parameters": {"t": 0.5}}]
 
 
-def ties_slerp_recipe(base: str, ft1: str, ft2: str) -> list[dict]:
+def ties_slerp_recipe(base: str, ft1: str, ft2: str, adapter: str | None = None) -> list[dict]:
     """A TIES stage and a task-arithmetic stage over the same inputs, blended by a SLERP
     gradient with per-module filters; the final document comes first in the file."""
     return [
@@ -62,7 +62,8 @@ def ties_slerp_recipe(base: str, ft1: str, ft2: str) -> list[dict]:
     ]
 
 
-def dare_slices_recipe(base: str, ft1: str, ft2: str) -> list[dict]:
+def dare_slices_recipe(base: str, ft1: str, ft2: str, adapter: str | None = None
+                       ) -> list[dict]:
     """A seeded DARE stage, then a passthrough that restacks its layers (slices over a stage)
     and a linear stage that uses the first one again (a stage tensor used twice)."""
     return [
@@ -81,8 +82,23 @@ def dare_slices_recipe(base: str, ft1: str, ft2: str) -> list[dict]:
     ]
 
 
+def lora_blockmerge_recipe(base: str, ft1: str, ft2: str, adapter: str) -> list[dict]:
+    """The Stheno shape: a TIES stage with a LoRA input, then a BlockMerge_Gradient of the
+    stage and a plain model (documents recognized by their keys)."""
+    return [
+        {"name": "p1", "merge_method": "ties", "base_model": base, **DTYPES,
+         "models": [{"model": f"{ft1}+{adapter}", "parameters": {"weight": 1.0, "density": 0.5}},
+                    {"model": ft2, "parameters": {"weight": 0.5, "density": 0.7}}]},
+        {"model_path1": "p1", "model_path2": ft2, "output_model_path": "unused",
+         "operations": [{"operation": "attn", "filter": "self_attn",
+                         "gradient_values": [0.8, 0.2]},
+                        {"operation": "mlp", "filter": "mlp", "gradient_values": [0.3, 0.7],
+                         "layer_only": True}]},
+    ]
+
+
 RECIPES = {"lzlv": lzlv_recipe, "ties_slerp": ties_slerp_recipe,
-           "dare_slices": dare_slices_recipe}
+           "dare_slices": dare_slices_recipe, "lora_blockmerge": lora_blockmerge_recipe}
 MERGEKIT_SHARE = {"lzlv": 0.999, "ties_slerp": 0.95}  # merge-math.md: slerp / ties
 
 
@@ -134,10 +150,13 @@ def family(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(family, tmp_path_factory) -> dict[str, dict]:
     """Per recipe: the fused output (with intermediates kept), the stage-by-stage outputs."""
+    from mergecore.synthetic import make_lora_adapter
+
+    adapter = str(make_lora_adapter(family[0], tmp_path_factory.mktemp("lora") / "adapter"))
     out = {}
     for key, make in RECIPES.items():
         work = tmp_path_factory.mktemp(key)
-        docs = make(*family)
+        docs = make(*family, adapter)
         recipe = write_recipe(work / "recipe.yml", docs)
         merge(recipe, work / "fused", "--keep-intermediates", str(work / "kept"))
         merge(recipe, work / "fused-plain")
