@@ -159,6 +159,9 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
     interrupted run that are kept (their tensors are not merged again)."""
     if options.num_threads:
         os.environ["MERGECORE_NUM_THREADS"] = str(options.num_threads)
+        cpu_backend = sys.modules.get("mergecore.backends.cpu")
+        if cpu_backend is not None:  # already imported: it read the variable then
+            cpu_backend.set_num_threads(options.num_threads)
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors]
     shards = plan_shards(entries, options.out_shard_size)
     completed = dict(resume.completed) if resume is not None else {}
