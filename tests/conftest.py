@@ -17,3 +17,13 @@ def _seeded():
     """Every test draws fresh, but reproducible, random inputs."""
     torch.manual_seed(int.from_bytes(os.urandom(2), "little") if os.environ.get("MERGECORE_TEST_RANDOM") else 1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def small_family(tmp_path_factory):
+    """A base and two fine-tunes (llama, hidden 64, 4 layers, bf16), generated once per session
+    (reliability tests share it: generating takes seconds)."""
+    from mergecore.synthetic import make_family
+
+    root = tmp_path_factory.mktemp("small_family")
+    return [str(p) for p in make_family(root, n_models=3, hidden=64, layers=4)]

@@ -25,7 +25,6 @@ from mergecore.cli import main
 from mergecore.faults import ENV_VAR
 from mergecore.io.writer import MANIFEST_NAME
 from mergecore.resume import file_sha256
-from mergecore.synthetic import make_family
 from mergecore.verify import verify_output
 
 SHARD_SIZE = "100K"  # five shards for this family
@@ -33,10 +32,10 @@ SEED = "3"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, small_family):
     """Inputs, the config and the output of an uninterrupted run (the reference)."""
     root = tmp_path_factory.mktemp("faults")
-    base, ft1, ft2 = (str(p) for p in make_family(root / "m", n_models=3, hidden=64, layers=4))
+    base, ft1, ft2 = small_family
     cfg = {"merge_method": "dare_ties", "base_model": base,
            "models": [{"model": ft1, "parameters": {"weight": 1.0, "density": 0.5}},
                       {"model": ft2, "parameters": {"weight": 0.5, "density": 0.5}}]}
