@@ -85,6 +85,7 @@ def _check_output(plan, out_dir: Path, options: MergeOptions, shards, fingerprin
     problems = preflight.directory_problems(out_dir, overwrite=options.overwrite,
                                             resume=options.resume)
     input_dirs = {Path(i.info.file).parent for t in plan.tensors for i in t.inputs}
+    input_dirs |= {tokenizer_source} if tokenizer_source is not None else set()
     problems += preflight.input_overlap_problems(out_dir, input_dirs)
     state = ResumeState()
     if options.resume and not problems:

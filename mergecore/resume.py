@@ -142,7 +142,7 @@ def check_resume(out_dir: Path, shards: ShardPlan, fingerprint: str) -> ResumeSt
         if not isinstance(entry, dict) or not entry.get("done"):
             continue
         name = entry.get("file")
-        if name not in planned:
+        if not isinstance(name, str) or name not in planned:
             continue
         path = out_dir / name
         if not path.is_file():

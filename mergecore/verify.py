@@ -78,7 +78,8 @@ def _check_weights(out_dir: Path, report: VerifyReport) -> list[str]:
             report.failed(f"{INDEX_NAME}: unreadable ({type(exc).__name__}: {exc})")
             return []
         files = sorted(set(weight_map.values()))
-        total_size = (index.get("metadata") or {}).get("total_size")
+        metadata = index.get("metadata")
+        total_size = metadata.get("total_size") if isinstance(metadata, dict) else None
     elif (out_dir / SINGLE_NAME).is_file():
         weight_map, files, total_size = None, [SINGLE_NAME], None
     else:
@@ -136,7 +137,8 @@ def _check_manifest(out_dir: Path, files: list[str], report: VerifyReport,
     if doc is None:
         report.note(f"no {MANIFEST_NAME} (not written by mergecore): checksums not checked")
         return
-    entries = {e.get("file"): e for e in doc["shards"] if isinstance(e, dict)}
+    entries = {e["file"]: e for e in doc["shards"]
+               if isinstance(e, dict) and isinstance(e.get("file"), str)}
     if set(entries) != set(files):
         report.failed(f"{MANIFEST_NAME} lists shards {sorted(map(str, entries))}, the "
                       f"weights use {files}")

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mergecore.cli import main
-from mergecore.io.writer import MANIFEST_NAME
+from mergecore.io.writer import MANIFEST_NAME, plan_shards
+from mergecore.resume import ResumeError, check_resume
 from mergecore.verify import verify_output
 
 INDEX = "model.safetensors.index.json"
@@ -108,3 +111,38 @@ def test_incomplete_manifest_and_missing_directory(copy, tmp_path):
     assert verify_output(copy).problems == [
         "model-00001-of-00003.safetensors: the manifest does not record it as complete"]
     assert verify_output(tmp_path / "nothing").problems == ["not a directory"]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 1 << 40) | st.text(max_size=40)
+    | st.sampled_from([SHARD2, "model-00001-of-00003.safetensors", "../x", "done", "sha256"]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["file", "done", "bytes", "sha256", "shards", "format",
+                                       "weight_map", "metadata", "total_size",
+                                       "plan_fingerprint"]), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=_json, manifest=_json, shards=st.lists(_json, max_size=3))
+def test_damaged_index_and_manifest_are_reported_never_raised(merged, tmp_path_factory, index,
+                                                              manifest, shards):
+    """``verify_output`` reports any JSON in the index and the manifest; ``check_resume``
+    raises only ``ResumeError`` for it (or resumes nothing)."""
+    out = tmp_path_factory.mktemp("fuzz")
+    for name in ("model-00001-of-00003.safetensors", SHARD2, "config.json"):
+        (out / name).symlink_to(merged / name)
+    (out / INDEX).write_text(json.dumps(index))
+    if isinstance(manifest, dict):
+        manifest = {**manifest, "format": "mergecore-manifest", "shards": shards,
+                    "plan_fingerprint": "f"}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    report = verify_output(out, checksums=True)
+    assert not report.ok
+    plan = plan_shards([("a", "F32", (2,)), ("b", "F32", (2,))], 8)
+    try:
+        state = check_resume(out, plan, "f")
+    except ResumeError:
+        return
+    assert set(state.completed) <= {"model-00001-of-00002.safetensors"}
