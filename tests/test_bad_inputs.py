@@ -27,6 +27,7 @@ from mergecore.merge import MergeOptions, run_plan
 from mergecore.pipeline import MergePipeline, PipelineOptions
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("keep_thread_settings")
 
 
 def _ties(base: str, ft1: str, ft2: str, **global_params) -> dict:

@@ -29,6 +29,7 @@ from mergecore.verify import verify_output
 
 SHARD_SIZE = "100K"  # five shards for this family
 SEED = "3"
+pytestmark = pytest.mark.usefixtures("keep_thread_settings")
 
 
 @pytest.fixture(scope="module")
