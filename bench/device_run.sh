@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine (the device tool), from the repository root, with .whl carried:
-#   bash bench/device_run.sh [kernels] [e2e]
+#   bash bench/device_run.sh [tests] [kernels] [e2e]
 # Installs the carried wheels (mergekit and what it needs), builds the C++ extension, then
 # runs the kernel benchmark on CUDA and the end-to-end 1B-family benchmark with --cuda, both
 # next to mergekit in the same run. Everything it prints and writes lands in $OUT.
@@ -18,9 +18,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 setup.py build_ext --inplace -q > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/device.txt" || true
-steps=${*:-kernels e2e}
+steps=${*:-tests kernels e2e}
 for step in $steps; do
   case $step in
+    tests)
+      # The compiled Triton kernels against the float64 reference (CUDA tensors).
+      python3 -m pytest -q -p no:cacheprovider tests/test_triton_primitives.py \
+        tests/test_ops_vs_reference.py -k "triton or cuda" 2>&1 | tee "$OUT/tests.txt" || true ;;
     kernels)
       python3 -m bench.kernels --device cuda --elements 64M --repeats 20 \
         --results kernels-gpu.jsonl 2>&1 | tee "$OUT/kernels.txt"

@@ -66,19 +66,37 @@ def model_files(dirs) -> list[Path]:
     return sorted(p for d in dirs for p in Path(d).glob("*.safetensors"))
 
 
+def _vm_hwm(pid: int) -> int:
+    """The process's resident-memory high-water mark (VmHWM) in bytes; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_measured(cmd: list[str], env=None) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes of the child from wait4, stderr tail)."""
+    """(wall seconds, peak RSS bytes of the child, stderr tail).
+
+    The peak is the child's own VmHWM, polled every 20 ms (it only grows, so the last reading
+    is the peak up to the last 20 ms). Not ``wait4``'s ``ru_maxrss``: Linux folds the pre-exec
+    high-water mark into it, i.e. this benchmark process's own size, copied by the fork."""
     with tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _vm_hwm(proc.pid))
+            time.sleep(0.02)
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         tail = err.read()[-4000:]
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
-    return wall, usage.ru_maxrss * 1024, tail
+    return wall, peak, tail
 
 
 def io_floor(files: list[Path], out_bytes: int, out_dir: Path) -> float:

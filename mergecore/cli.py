@@ -101,6 +101,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             f"merged {s.tensors} tensors in {s.wall:.2f} s: read {human_bytes(s.bytes_read)}, "
             f"wrote {human_bytes(s.bytes_written)} ({rate:.2f} GB/s input) -> {args.out_dir}"
         )
+        if args.verbose:
+            print(f"stage busy time: read {s.read_busy:.2f} s, compute {s.compute_busy:.2f} s, "
+                  f"write {s.write_busy:.2f} s (wall {s.wall:.2f} s); "
+                  f"peak bytes in flight {human_bytes(s.peak_budget_bytes)}")
     return 0
 
 

@@ -155,9 +155,9 @@ def test_dare_is_seeded_reproducible_and_statistically_like_mergekit(tmp_path):
     base_state = load_state(Path(base))
     ours_delta = outs[0][name].float() - base_state[name].float()
     theirs_delta = theirs[name].float() - base_state[name].float()
-    assert (ours_delta != 0).float().mean() == pytest.approx(
+    assert float((ours_delta != 0).float().mean()) == pytest.approx(
         float((theirs_delta != 0).float().mean()), abs=0.05)
-    assert ours_delta.abs().mean() == pytest.approx(float(theirs_delta.abs().mean()), rel=0.1)
+    assert float(ours_delta.abs().mean()) == pytest.approx(float(theirs_delta.abs().mean()), rel=0.1)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])

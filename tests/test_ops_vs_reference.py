@@ -97,10 +97,26 @@ def assert_close_to_reference(job, got, want):
     assert within_ulp_share(got.reshape(-1)[clear], want.reshape(-1)[clear], 0) >= 0.999
 
 
+def backend_device(name: str) -> str:
+    """Triton runs compiled on the GPU when there is one, else in its interpreter on the CPU."""
+    return "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def on_device(job, device):
+    """The same job with its input tensors on ``device``."""
+    if device == "cpu":
+        return job
+    return dataclasses.replace(job, base=None if job.base is None else job.base.to(device),
+                               xs=[x.to(device) for x in job.xs])
+
+
 def run_backend(name, job):
+    """Run one job on a backend (on its device) into a NaN-poisoned output."""
+    device = backend_device(name)
+    job = on_device(job, device)
     out = torch.full(job.base.shape if job.base is not None else job.xs[0].shape, float("nan"),
-                     dtype=job.out_dtype)
-    return merge_many([job], outs=[out], backend=name, check_finite=False)[0]
+                     dtype=job.out_dtype, device=device)
+    return merge_many([job], outs=[out], backend=name, check_finite=False)[0].cpu()
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -147,7 +163,7 @@ def test_kept_sets_identical_to_reference(backend, method, dtype):
         pytest.fail(f"backend {backend} is not built/installed")
     shape = (37, 41) if backend == "triton" else (301, 257)
     jobs = [build_job(method, shape, dtype, dtype, duplicates=True) for _ in range(2)]
-    masks = composed._masks(prims, jobs)
+    masks = composed._masks(prims, [on_device(j, backend_device(backend)) for j in jobs])
     for job, job_masks in zip(jobs, masks):
         for i, mask in enumerate(job_masks):
             want = reference.keep_mask(job, i)
@@ -170,10 +186,11 @@ def test_batched_mixed_sizes_and_methods(backend):
             method = "task_arithmetic"
         jobs.append(build_job(method, shape, torch.bfloat16, torch.bfloat16))
     want = reference.merge_jobs(jobs)
-    outs = [torch.full(w.shape, float("nan"), dtype=w.dtype) for w in want]
-    got = merge_many(jobs, outs=outs, backend=backend)
+    device = backend_device(backend)
+    outs = [torch.full(w.shape, float("nan"), dtype=w.dtype, device=device) for w in want]
+    got = merge_many([on_device(j, device) for j in jobs], outs=outs, backend=backend)
     for job, g, w in zip(jobs, got, want):
-        assert_close_to_reference(job, g, w)
+        assert_close_to_reference(job, g.cpu(), w)
 
 
 @pytest.mark.slow

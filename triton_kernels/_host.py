@@ -86,6 +86,38 @@ def program_table(ntiles: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return jobs, tiles
 
 
+def upload_launch(parts: Sequence, ntiles: Sequence[int], device: torch.device):
+    """Upload a launch's tables in one copy, plus its program table when the launch covers
+    several jobs (``len(ntiles) > 1``).
+
+    Returns ``(views, prog_job, prog_tile, multi)``: one device view per part, and the program
+    table's two columns; with a single job the kernel does not read them, so they alias the
+    first part."""
+    multi = len(ntiles) > 1
+    tables = Tables()
+    for part in parts:
+        tables.add(part)
+    if multi:
+        for column in program_table(ntiles):
+            tables.add(column)
+    dev = tables.upload(device)
+    views = dev[: len(parts)]
+    if multi:
+        return views, dev[-2], dev[-1], True
+    return views, views[0], views[0], False
+
+
+def sum_partials(partial: torch.Tensor, prog_job: torch.Tensor, njobs: int,
+                 multi: bool) -> list[list[float]]:
+    """Per-job float64 sums of the per-program fp32 partial rows of a reduction launch."""
+    if multi:
+        sums = torch.zeros((njobs, partial.shape[1]), dtype=torch.float64, device=partial.device)
+        sums.index_add_(0, prog_job, partial.double())
+    else:
+        sums = partial.sum(0, keepdim=True, dtype=torch.float64)
+    return sums.cpu().tolist()
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

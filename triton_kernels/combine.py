@@ -36,13 +36,12 @@ from triton_kernels._common import (
     store_rounded,
 )
 from triton_kernels._host import (
-    Tables,
     all_aligned,
     cdiv,
     f32_bits,
     group_by,
-    program_table,
     rel_offset,
+    upload_launch,
 )
 from triton_kernels.dare import MASK_FIELDS, keep_block, launch_flags, mask_row
 
@@ -172,18 +171,10 @@ def combine_many(jobs: Sequence[Combine]) -> None:
                 model_rows.append([ox, f32_bits(coef), f32_bits(weight)] + mrow)
                 offsets.append(ox)
         ntiles = [cdiv(r[0], block) for r in job_rows]
-        multi = len(idx) > 1
-        tables = Tables()
-        tables.add(job_rows)
-        tables.add(model_rows if model_rows else [[0] * _MODEL])
-        if multi:
-            pj, pt = program_table(ntiles)
-            tables.add(pj)
-            tables.add(pt)
-        dev = tables.upload(device)
-        pj_t, pt_t = (dev[2], dev[3]) if multi else (dev[0], dev[0])
+        (jobs_t, models_t), pj_t, pt_t, multi = upload_launch(
+            [job_rows, model_rows if model_rows else [[0] * _MODEL]], ntiles, device)
         _combine_kernel[(sum(ntiles),)](
-            in_ref, out_ref, dev[0], dev[1], pj_t, pt_t,
+            in_ref, out_ref, jobs_t, models_t, pj_t, pt_t,
             HAS_BASE=has_base, ELECT=mode == "elect", TOPS=tops, RANDOM=random, NM=nm,
             MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
             MROW=_MODEL, num_warps=_config.COMBINE_WARPS,

@@ -26,7 +26,14 @@ import triton.language as tl
 
 from triton_kernels import _config
 from triton_kernels._common import abs_key, job_and_tile, load_f32, load_offset
-from triton_kernels._host import Tables, all_aligned, cdiv, group_by, program_table, rel_offset
+from triton_kernels._host import (
+    all_aligned,
+    cdiv,
+    group_by,
+    rel_offset,
+    sum_partials,
+    upload_launch,
+)
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -210,27 +217,14 @@ def masked_l1_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, tuple]]) -> 
             offsets += [ob, ox]
         tops, random = launch_flags([r[3:] for r in rows])
         ntiles = [cdiv(r[0], block) for r in rows]
-        multi = len(idx) > 1
-        tables = Tables()
-        tables.add(rows)
-        if multi:
-            pj, pt = program_table(ntiles)
-            tables.add(pj)
-            tables.add(pt)
-        dev = tables.upload(device)
-        pj_t, pt_t = (dev[1], dev[2]) if multi else (dev[0], dev[0])
+        (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
         grid = sum(ntiles)
         partial = torch.empty((grid, 2), dtype=torch.float32, device=device)
         _l1_kernel[(grid,)](
-            ref, dev[0], pj_t, pt_t, partial,
+            ref, jobs_t, pj_t, pt_t, partial,
             MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block, ROW=width,
             TOPS=tops, RANDOM=random, num_warps=_config.L1_WARPS,
         )
-        if multi:
-            sums = torch.zeros((len(idx), 2), dtype=torch.float64, device=device)
-            sums.index_add_(0, pj_t, partial.double())
-        else:
-            sums = partial.sum(0, keepdim=True, dtype=torch.float64)
-        for i, s in zip(idx, sums.cpu().tolist()):
+        for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
             results[i] = (s[0], s[1])
     return results

@@ -44,8 +44,8 @@ from triton_kernels._host import (
     all_aligned,
     cdiv,
     group_by,
-    program_table,
     rel_offset,
+    upload_launch,
 )
 
 KEY_NONE = 0xFFFFFFFF
@@ -544,19 +544,8 @@ def _run_sampled(pairs, want) -> list[tuple[int, int, bool]]:
         n = pairs[rows[0]][0].numel()
         group_table.append([n, layout[rows[0]][2], row_index[rows[0]], len(rows)])
         ntiles.append(cdiv(n, block))
-    multi = len(group_rows) > 1
-    tables = Tables()
-    tables.add(sample_rows)
-    tables.add(group_table)
-    tables.add(row_rows)
-    tables.add(seg_rows)
-    if multi:
-        pj, pt = program_table(ntiles)
-        tables.add(pj)
-        tables.add(pt)
-    dev = tables.upload(device)
-    sample_t, group_t, row_t, segs_t = dev[:4]
-    pj_t, pt_t = (dev[4], dev[5]) if multi else (group_t, group_t)
+    (sample_t, group_t, row_t, segs_t), pj_t, pt_t, multi = upload_launch(
+        [sample_rows, group_table, row_rows, seg_rows], ntiles, device)
 
     most = max(s[3] for s in sample_rows)
     grid = (len(order), cdiv(most, _config.SAMPLE_BLOCK))

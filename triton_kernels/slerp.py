@@ -17,13 +17,13 @@ import triton.language as tl
 from triton_kernels import _config
 from triton_kernels._common import f32_from_bits, job_and_tile, load_f32, load_offset, store_rounded
 from triton_kernels._host import (
-    Tables,
     all_aligned,
     cdiv,
     f32_bits,
     group_by,
-    program_table,
     rel_offset,
+    sum_partials,
+    upload_launch,
 )
 
 _RJ = 3  # reduce job row: n, a_off, b_off
@@ -107,16 +107,7 @@ def reduce_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tupl
             rows.append((a.numel(), oa, ob))
             offsets += [oa, ob]
         ntiles = [cdiv(r[0], block) for r in rows]
-        multi = len(idx) > 1
-        tables = Tables()
-        tables.add(rows)
-        if multi:
-            pj, pt = program_table(ntiles)
-            tables.add(pj)
-            tables.add(pt)
-        dev = tables.upload(device)
-        jobs_t = dev[0]
-        pj_t, pt_t = (dev[1], dev[2]) if multi else (jobs_t, jobs_t)
+        (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
         grid = sum(ntiles)
         partial = torch.empty((grid, 3), dtype=torch.float32, device=device)
         _reduce_kernel[(grid,)](
@@ -124,12 +115,7 @@ def reduce_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tupl
             MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block,
             num_warps=_config.REDUCE_WARPS,
         )
-        if multi:
-            sums = torch.zeros((len(idx), 3), dtype=torch.float64, device=device)
-            sums.index_add_(0, pj_t, partial.double())
-        else:
-            sums = partial.sum(0, keepdim=True, dtype=torch.float64)
-        for i, s in zip(idx, sums.cpu().tolist()):
+        for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
             results[i] = (s[0], s[1], s[2])
     return results
 
@@ -152,17 +138,9 @@ def lerp_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, flo
             rows.append((out.numel(), oo, oa, ob, f32_bits(c0), f32_bits(c1)))
             offsets += [oo, oa, ob]
         ntiles = [cdiv(r[0], block) for r in rows]
-        multi = len(idx) > 1
-        tables = Tables()
-        tables.add(rows)
-        if multi:
-            pj, pt = program_table(ntiles)
-            tables.add(pj)
-            tables.add(pt)
-        dev = tables.upload(device)
-        pj_t, pt_t = (dev[1], dev[2]) if multi else (dev[0], dev[0])
+        (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
         _lerp_kernel[(sum(ntiles),)](
-            in_ref, out_ref, dev[0], pj_t, pt_t,
+            in_ref, out_ref, jobs_t, pj_t, pt_t,
             MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
             num_warps=_config.LERP_WARPS,
         )
