@@ -40,11 +40,14 @@ def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int 
     from mergecore import __version__
 
     files: dict[str, list[int]] = {}
+    resolved: dict[object, str] = {}
     tensors = []
     for t in plan.tensors:
         inputs = []
         for inp in t.inputs:
-            path = str(Path(inp.info.file).resolve())
+            path = resolved.get(inp.info.file)
+            if path is None:
+                path = resolved[inp.info.file] = str(Path(inp.info.file).resolve())
             if path not in files:
                 try:
                     st = os.stat(path)
