@@ -84,6 +84,18 @@ def test_output_holding_an_input_is_refused_even_with_overwrite(tmp_path, small_
     assert _files(Path(own_base)) == before
 
 
+def test_dry_run_prints_the_plan_and_reports_output_problems(tmp_path, small_family, capsys):
+    cfg = _write(tmp_path / "c.yml", _ties(*small_family))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["merge", str(cfg), str(out), "--dry-run"]) == 1
+    captured = capsys.readouterr()
+    assert "output tensors: 39" in captured.out and "is not empty" in captured.err
+    assert main(["merge", str(cfg), str(out), "--dry-run", "--overwrite"]) == 0
+    assert _files(out) == {"keep.txt": b"mine"}
+
+
 def test_output_path_that_is_a_file(tmp_path, small_family, capsys):
     cfg = _write(tmp_path / "c.yml", _ties(*small_family))
     (tmp_path / "out").write_text("x")
