@@ -10,7 +10,8 @@ Checks, each reported as one line:
   sum of the tensors' sizes; without an index, ``model.safetensors`` alone;
 - the manifest (when the output was written by mergecore): it lists the same shard files,
   marks them all complete, and each file's size and sha256 equal the recorded ones;
-- ``config.json`` is read by ``transformers.AutoConfig``.
+- ``config.json`` is read by ``transformers.AutoConfig`` (when transformers is not
+  installed: it is valid JSON with a ``model_type``, and a note says it was not loaded).
 
 An output written by mergekit (no manifest) is checked for everything but the checksums.
 ``VerifyReport.ok`` is False when any check failed.
@@ -171,7 +172,19 @@ def _check_config(out_dir: Path, report: VerifyReport) -> None:
         return
     try:
         from transformers import AutoConfig
-
+    except ImportError:
+        try:
+            doc = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            report.failed(f"config.json: not valid JSON ({exc})")
+            return
+        if not isinstance(doc, dict) or not isinstance(doc.get("model_type"), str):
+            report.failed("config.json: no model_type")
+            return
+        report.note("config.json: valid JSON with a model_type; transformers is not installed, "
+                    "so it was not loaded")
+        return
+    try:
         config = AutoConfig.from_pretrained(str(out_dir))
     except Exception as exc:  # noqa: BLE001 - any failure of transformers is the finding
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,12 @@ def test_damaged_index_and_manifest_are_reported_never_raised(merged, tmp_path_f
     except ResumeError:
         return
     assert set(state.completed) <= {"model-00001-of-00002.safetensors"}
+
+
+def test_config_check_without_transformers(copy, monkeypatch):
+    """With transformers missing (import blocked), config.json is checked as JSON."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    report = verify_output(copy)
+    assert report.ok and any("transformers is not installed" in m for _, m in report.lines)
+    (copy / "config.json").write_text('{"hidden_size": 8}')
+    assert verify_output(copy).problems == ["config.json: no model_type"]
