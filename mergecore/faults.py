@@ -6,8 +6,10 @@ Set ``MERGECORE_FAULT`` in a merge's environment to a comma-separated list of
 - ``after=N``: act right after the N-th output tensor was written (1-based);
 - ``signal=KILL|TERM|INT``: send that signal to the merge's own process (a real SIGKILL
   stops it on the spot, mid-shard, as a power loss or the OOM killer would);
-- ``errno=ENOSPC|EIO|...``: instead raise ``OutputFileError`` with that errno, as a failing
-  disk would;
+- ``errno=ENOSPC``: the disk fills up: the descriptors of the output files still being
+  written are pointed at ``/dev/full``, so the writer's next ``pwrite`` gets a real ENOSPC from the
+  kernel (if no output file is open, or for another errno such as ``EIO``: the write
+  raises ``OutputFileError`` with that errno);
 - ``delay=SECONDS``: sleep after every tensor written (gives a test time to send a signal
   from outside at a random moment).
 """
@@ -66,8 +68,28 @@ class FaultyWriter:
             os.kill(os.getpid(), getattr(signal, "SIG" + self._signal.upper()))
         if self._errno:
             code = getattr(errno_mod, self._errno.upper())
+            if code == errno_mod.ENOSPC and self._fill_disk():
+                return
             raise OutputFileError(code, f"writing tensor {name!r} failed: "
                                         f"{os.strerror(code)} (injected by {ENV_VAR})")
+
+    def _fill_disk(self) -> bool:
+        """Point the output files still receiving tensors at /dev/full (shards already
+        written in full and being finished are left alone); False when none is open (or
+        there is no /dev/full)."""
+        writer = self._writer
+        filling = {writer.plan.shard_index(n) for n in writer.missing()}
+        fds = [fd for fd in (writer.shards[k].fileno() for k in sorted(filling))
+               if fd is not None]
+        if not fds or not os.path.exists("/dev/full"):
+            return False
+        full = os.open("/dev/full", os.O_WRONLY)
+        try:
+            for fd in fds:
+                os.dup2(full, fd)
+        finally:
+            os.close(full)
+        return True
 
 
 def wrap_writer(writer: Any) -> Any:

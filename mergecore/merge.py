@@ -181,7 +181,8 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
     writer = None
     try:
         with TensorReader(nthreads=2, drop_cache=True) as reader, handle_termination():
-            writer = StreamingWriter(out_dir, shards, manifest_extra=extra, completed=completed)
+            writer = StreamingWriter(out_dir, shards, manifest_extra=extra, completed=completed,
+                                     keep_complete_on_os_error=True)
             stats = MergePipeline(work, reader, faults.wrap_writer(writer), pipe_options).run()
             from mergecore import output_files
 

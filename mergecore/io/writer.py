@@ -231,6 +231,10 @@ class ShardWriter:
     def is_open(self) -> bool:
         return self._fd is not None
 
+    def fileno(self) -> int | None:
+        """The descriptor of the open temporary file (None when not open)."""
+        return self._fd
+
     def pwrite(self, offset: int, mv: memoryview, name: str) -> None:
         """Write all of ``mv`` at ``offset`` (retrying short writes); hash it if in order."""
         fd = self._fd
@@ -322,7 +326,9 @@ class StreamingWriter:
     ``manifest_extra``: more keys for the manifest (``mergecore.resume`` records the plan's
     fingerprint there). ``completed``: ``{shard filename: sha256}`` of shards already in
     place and verified by the caller (a resumed merge): they count as written and are not
-    touched. ``suspend()`` stops like ``abort()`` but keeps completed shards and the manifest.
+    touched. ``suspend()`` stops like ``abort()`` but keeps completed shards and the manifest;
+    ``keep_complete_on_os_error``: an OS error suspends instead of aborting (so that a merge
+    stopped by a full disk can be resumed).
     """
 
     def __init__(self, out_dir: str | os.PathLike, plan: ShardPlan,
@@ -330,7 +336,8 @@ class StreamingWriter:
                  checksum: bool = True, manifest: bool = True, check_space: bool = True,
                  index_metadata: dict[str, Any] | None = None,
                  manifest_extra: dict[str, Any] | None = None,
-                 completed: dict[str, str | None] | None = None):
+                 completed: dict[str, str | None] | None = None,
+                 keep_complete_on_os_error: bool = False):
         self.out_dir = Path(out_dir)
         self.plan = plan
         self.metadata = dict(DEFAULT_METADATA if metadata is None else metadata)
@@ -342,6 +349,7 @@ class StreamingWriter:
             index_metadata = {"mergecore_version": __version__}
         self.index_metadata = index_metadata
         self.manifest_extra = dict(manifest_extra or {})
+        self.keep_complete_on_os_error = keep_complete_on_os_error
         self._lock = threading.Lock()
         self._manifest_lock = threading.Lock()
         self._slots: dict[str, tuple[ShardWriter, int, int, str, tuple[int, ...]]] = {}
@@ -442,7 +450,7 @@ class StreamingWriter:
                 continue
             exc = fut.exception()
             if exc is not None:
-                self.abort()
+                self._stop_after_error(exc)
                 raise exc
 
     def wait(self) -> None:
@@ -476,8 +484,8 @@ class StreamingWriter:
                     raise
         try:
             shard.pwrite(offset, mv, name)
-        except OutputFileError:
-            self.abort()
+        except OutputFileError as exc:
+            self._stop_after_error(exc)
             raise
         k = self.plan.shard_index(name)
         with self._lock:
@@ -517,10 +525,10 @@ class StreamingWriter:
             try:
                 _atomic_write_bytes(self.out_dir / self.plan.index_filename, text.encode(),
                                     self.fsync)
-            except OutputFileError:
+            except OutputFileError as exc:
                 with self._lock:
                     self._state = "open"
-                self.abort()
+                self._stop_after_error(exc)
                 raise
             self._index_written = True
         self._shutdown_finisher()
@@ -558,6 +566,12 @@ class StreamingWriter:
                     p.unlink()
                 except FileNotFoundError:
                     pass
+
+    def _stop_after_error(self, exc: BaseException) -> None:
+        if self.keep_complete_on_os_error and isinstance(exc, OSError):
+            self.suspend()
+        else:
+            self.abort()
 
     def suspend(self) -> None:
         """Stop after an interruption, keeping what is complete: shards already handed to the
