@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -119,6 +120,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mergecore.demo import run_demo
 
+    for module in ("transformers", "peft"):
+        if importlib.util.find_spec(module) is None:
+            raise SystemExit(f"mergecore demo needs {module!r} to generate and load its example "
+                             "models: pip install 'mergecore[demo]' (or pip install -e '.[demo]')")
     return run_demo(args.dir, quiet=args.quiet)
 
 
