@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate small example models and merge them")
     demo.add_argument("dir", nargs="?", default=None, help="work directory (default: a temp dir)")
     demo.add_argument("-q", "--quiet", action="store_true")
+    mergekit_yaml = sub.add_parser(
+        "mergekit-yaml", add_help=False,
+        help="run mergekit's own CLI with mergecore computing its methods (takes mergekit's flags)")
+    mergekit_yaml.add_argument("mergekit_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -127,7 +131,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, quiet=args.quiet)
 
 
+def _cmd_mergekit_yaml(mergekit_args: Sequence[str]) -> int:
+    from mergecore.integrations import MissingIntegrationError
+
+    try:
+        from mergecore.integrations.mergekit_cli import run_mergekit_yaml
+    except MissingIntegrationError as exc:
+        print(f"mergecore: error: {exc}", file=sys.stderr)
+        return 1
+    return run_mergekit_yaml(mergekit_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mergekit-yaml"]:  # every later argument is mergekit's, --help included
+        return _cmd_mergekit_yaml(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", 0) > 1 else

@@ -3,9 +3,9 @@
 A merge records in its manifest (``.mergecore-manifest.json``, kept up to date by the
 streaming writer) a *fingerprint*: the sha256 of everything that decides the output bytes —
 every output tensor (name, shape, dtype, method, parameters), every input it reads (file,
-tensor, dtype, shape, byte range), each input file's size and modification time, the shard
-size, the random seed, the compute device type, a forced backend, the output config.json and
-the mergecore version. Thread count and batching are not in it: they do not change the bytes.
+tensor, dtype, shape, byte range, LoRA adapter), each input file's and adapter file's size
+and modification time, the shard size, the random seed, the compute device type, a forced
+backend, the output config.json and the mergecore version. Thread count and batching are not in it: they do not change the bytes.
 
 ``mergecore merge ... --resume`` recomputes the fingerprint and refuses an output directory
 whose manifest holds a different one (another config, changed inputs or options), so a
@@ -40,7 +40,7 @@ def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int 
     """sha256 (hex) of everything in ``plan`` and the options that decides the output bytes."""
     from mergecore import __version__
 
-    files: dict[str, list[int]] = {}
+    files: dict[str, list] = {}
     resolved: dict[object, str] = {}
     tensors = []
     for t in plan.tensors:
@@ -55,6 +55,8 @@ def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int 
                     files[path] = [st.st_size, st.st_mtime_ns]
                 except OSError:
                     files[path] = [-1, -1]
+            if inp.adapter and inp.adapter not in files:
+                files[inp.adapter] = _dir_stats(inp.adapter)
             inputs.append([inp.model, inp.adapter, inp.rows, path, inp.info.name,
                            inp.info.dtype, list(inp.info.shape), inp.info.data_start,
                            inp.info.nbytes])
@@ -72,6 +74,19 @@ def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int 
     }
     text = json.dumps(doc, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _dir_stats(directory: str) -> list:
+    """``[name, size, mtime_ns]`` of every file directly in ``directory`` (a LoRA adapter)."""
+    out = []
+    try:
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            if entry.is_file():
+                st = entry.stat()
+                out.append([entry.name, st.st_size, st.st_mtime_ns])
+    except OSError:
+        pass
+    return out
 
 
 def file_sha256(path: Path) -> str:
