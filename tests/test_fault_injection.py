@@ -197,3 +197,29 @@ def test_overwrite_and_resume_exclude_each_other(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(_args(config, tmp_path / "out") + ["--resume", "--overwrite"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_lora_input_disk_full_then_resume(small_family, tmp_path, monkeypatch):
+    """A model given as ``path+adapter``: resumed output equals a clean run; touching the
+    adapter afterwards makes --resume refuse the directory (the adapter is fingerprinted)."""
+    from mergecore.synthetic import make_lora_adapter
+
+    base, ft1, ft2 = small_family
+    adapter = make_lora_adapter(base, tmp_path / "adapter", seed=5)
+    cfg = {"merge_method": "task_arithmetic", "base_model": base,
+           "models": [{"model": f"{ft1}+{adapter}", "parameters": {"weight": 1.0}},
+                      {"model": ft2, "parameters": {"weight": 0.5}}]}
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(cfg))
+    clean, out = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    assert main(_args(config, clean)) == 0
+    monkeypatch.setenv(ENV_VAR, "after=20,errno=ENOSPC")
+    assert main(_args(config, out)) == 1
+    monkeypatch.delenv(ENV_VAR)
+    _assert_nothing_looks_complete(out)
+    weights = adapter / "adapter_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert main(_args(config, out) + ["--resume"]) == 1
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _resume_and_compare(config, out, clean)
