@@ -93,6 +93,9 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                options: MergeOptions | None = None) -> MergeResult:
     """Plan and run a multi-stage recipe into ``out_dir`` (see the module docstring)."""
     options = options or MergeOptions()
+    if options.resume:
+        raise ValueError("--resume is not supported for multi-stage recipes yet; rerun the "
+                         "recipe with --overwrite")
     out_dir = Path(out_dir)
     text = Path(config_path).read_text(encoding="utf-8")
     keep = Path(options.keep_intermediates) if options.keep_intermediates else None
