@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate small example models and merge them")
     demo.add_argument("dir", nargs="?", default=None, help="work directory (default: a temp dir)")
     demo.add_argument("-q", "--quiet", action="store_true")
+    from mergecore.benchmark.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -98,6 +101,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, quiet=args.quiet)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mergecore.benchmark.command import cmd_bench
+
+    return cmd_bench(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -105,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.INFO if getattr(args, "verbose", 0) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"merge": _cmd_merge, "demo": _cmd_demo}
+    handlers = {"merge": _cmd_merge, "demo": _cmd_demo, "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

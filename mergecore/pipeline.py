@@ -28,6 +28,7 @@ from mergecore.budget import ByteBudget
 from mergecore.dtypes import parse_dtype
 from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
 from mergecore.ops import make_job, merge_many
+from mergecore.transfer_timer import TransferTimer
 
 _DONE = object()
 
@@ -126,6 +127,8 @@ class MergePipeline:
         self._stop = threading.Event()
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._h2d = TransferTimer() if self._cuda else None
+        self._d2h = TransferTimer() if self._cuda else None
 
     # ----- stage 1: read ------------------------------------------------------------------
     def _read_all(self) -> None:
@@ -149,7 +152,10 @@ class MergePipeline:
             item = _Item(planned, inputs, in_bytes, out_bytes)
             if self._cuda:
                 with torch.cuda.stream(self._copy_stream):
+                    began = self._h2d.begin(self._copy_stream)
                     item.inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                    self._h2d.end(began, self._copy_stream,
+                                  sum(t.numel() * t.element_size() for t in inputs))
                     item.ready = torch.cuda.Event()
                     item.ready.record(self._copy_stream)
             self.stats.read_busy += time.perf_counter() - start
@@ -163,9 +169,9 @@ class MergePipeline:
             if entry is _DONE:
                 return
             name, out, event, nbytes = entry
-            start = time.perf_counter()
-            if event is not None:
+            if event is not None:  # waiting for the GPU is not write time
                 event.synchronize()
+            start = time.perf_counter()
             self.writer.write(name, out)
             self.stats.bytes_written += out.numel() * out.element_size()
             self.stats.write_busy += time.perf_counter() - start
@@ -228,7 +234,10 @@ class MergePipeline:
             event = None
             if self._cuda:
                 host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                stream = torch.cuda.current_stream(self.device)
+                began = self._d2h.begin(stream)
                 host.copy_(out, non_blocking=True)
+                self._d2h.end(began, stream, host.numel() * host.element_size())
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.device))
                 out = host
@@ -288,6 +297,9 @@ class MergePipeline:
                 raise err
         self.stats.wall = time.perf_counter() - start
         self.stats.peak_budget_bytes = self.budget.peak
+        if self._cuda:  # GPU-side copy times (the host clocks above only see launches)
+            self.stats.extra.update(h2d_busy=self._h2d.seconds(), h2d_bytes=self._h2d.bytes,
+                                    d2h_busy=self._d2h.seconds(), d2h_bytes=self._d2h.bytes)
         return self.stats
 
 
