@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shutil
 import sys
 import tempfile
@@ -129,7 +130,7 @@ def run_bench(args: argparse.Namespace, step: Callable[[str], None]) -> dict[str
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc)
         .strftime("%Y-%m-%dT%H:%M:%SZ"), "shape": shape, "layers": args.layers,
         "method": args.method, "dtype": args.dtype, "dir": str(work), "quick": args.quick,
-        "argv": sys.argv[1:]}}
+        "argv": sys.argv[1:], "loadavg_start": os.getloadavg()[0]}}
     found: dict[str, Any] = {}
     if "roofs" in parts:
         step("roofs")
@@ -159,6 +160,7 @@ def run_bench(args: argparse.Namespace, step: Callable[[str], None]) -> dict[str
             "check": projection.check(small, large, shape, small["layers"], large["layers"]),
             "full": projection.project(large, shape, large["layers"], target),
         }
+    result["meta"]["loadavg_end"] = os.getloadavg()[0]
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ def render(result: dict[str, Any]) -> str:
     meta = result["meta"]
     out = [(f"mergecore bench  {meta['device_name']} ({meta['device']})  commit {meta['commit']}"
            f"  torch {meta['torch']}  {meta['date']}")]
+    load = max(meta.get("loadavg_start", 0.0), meta.get("loadavg_end", 0.0))
+    if load > (os.cpu_count() or 1):
+        out.append(f"warning: load average up to {load:.1f} on {os.cpu_count()} CPUs during the "
+                   "run: other work competed for the machine, its numbers are low")
     if result.get("roofs"):
         out += ["", "Roofs (measured in this run, in " + meta["dir"] + ")",
                 format_table(_roof_rows(result["roofs"]), ["roof", "GB/s", "page cache before"])]

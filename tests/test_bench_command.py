@@ -1,0 +1,149 @@
+"""`mergecore bench`: the quick run end to end, the projection, the up-front checks, and the
+pytest-benchmark suites in bench/ in their quick mode (their numbers are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergecore.benchmark import projection
+from mergecore.benchmark.shapes import model_bytes
+from mergecore.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _bench(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergecore", "bench", *args],
+                          capture_output=True, text=True, timeout=300, check=False, **kw)
+
+
+def test_quick_bench_vs_mergekit_writes_table_json_and_chart(tmp_path):
+    out = tmp_path / "r.json"
+    proc = _bench([str(tmp_path / "work"), "--quick", "--vs", "mergekit", "--json", str(out),
+                   "--kernel-methods", "linear,ties,dare_ties"])
+    assert proc.returncode == 0, proc.stderr
+    for heading in ("Roofs", "Kernels", "End to end: ties", "whole command"):
+        assert heading in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["meta"]["shape"] == "tiny" and result["meta"]["device"] == "cpu"
+    roofs = result["roofs"]
+    for key in ("memcpy_gbps", "file_write_gbps", "file_read_cold_gbps", "file_read_warm_gbps"):
+        assert _positive(roofs[key]), key
+    for key in ("file_read_cold_cached_share", "file_read_warm_cached_share"):
+        assert roofs[key] is None or 0.0 <= roofs[key] <= 1.0
+    rows = result["kernels"]
+    assert {(r["op"], r["impl"]) for r in rows} >= {
+        ("ties", "mergecore-cpu"), ("ties", "torch-eager"), ("ties", "mergekit"),
+        ("dare_ties", "mergecore-cpu")}
+    assert {r["tensor"] for r in rows} == {"mlp", "attn"}
+    for r in rows:
+        assert _positive(r["gbps"]) and _positive(r["roof_share"])
+        for key in ("speedup_vs_torch_eager", "speedup_vs_mergekit"):
+            if key in r:
+                assert _positive(r[key]), (r, key)
+    (run,) = result["e2e"]
+    assert list(run["stages"]) == ["read", "compute", "write"]
+    for st in run["stages"].values():
+        assert _positive(st["seconds"]) and _positive(st["bytes"]) and _positive(st["gbps"])
+        assert _positive(st["roof_gbps"])
+    assert run["input_bytes"] == run["stages"]["read"]["bytes"]
+    assert _positive(run["input_gbps"]) and run["bound_stage"] in run["stages"]
+    assert 0.0 <= run["overlap_share"] < 1.0
+    vs = run["vs_mergekit"]
+    assert _positive(vs["speedup_vs_mergekit"]) and _positive(vs["mergekit_seconds"])
+    assert _positive(vs["mergecore_peak_rss_bytes"])
+    if importlib.util.find_spec("matplotlib"):
+        assert Path(result["meta"]["chart"]).stat().st_size > 1000
+    # the generated family is removed (not --keep), the JSON stays
+    assert not list((tmp_path / "work").glob("family-*"))
+
+
+def test_projection_check_runs_two_depths(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["bench", str(tmp_path), "--quick", "--project", "--project-layers", "8",
+                 "--skip", "roofs,kernels", "--json", str(out), "--no-chart", "--quiet"]) == 0
+    assert "Projected full merge: 8 layers" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    small, large = result["e2e"]
+    assert (small["layers"], large["layers"]) == (2, 4)
+    assert large["input_bytes"] > small["input_bytes"]
+    chk = result["projection"]["check"]
+    assert math.isfinite(chk["wall_relative_error"])
+    assert chk["measured_wall_seconds"] == large["wall_seconds"]
+    full = result["projection"]["full"]
+    assert full["target_layers"] == 8 and full["from_layers"] == 4
+    assert full["bound_stage"] in large["stages"] and _positive(full["wall_seconds"])
+
+
+def test_projection_scales_stage_times_with_bytes_and_keeps_fill_drain():
+    shape = "llama-70b"
+    run = {"wall_seconds": 10.0, "input_bytes": 3e9, "bound_stage": "read",
+           "stages": {"read": {"seconds": 8.0, "bytes": 3e9, "gbps": 3e9 / 8.0 / 1e9},
+                      "compute": {"seconds": 5.0, "bytes": 4e9, "gbps": 0.8},
+                      "write": {"seconds": 2.0, "bytes": 1e9, "gbps": 0.5}}}
+    got = projection.project(run, shape, 2, 80)
+    factor = model_bytes(shape, 80) / model_bytes(shape, 2)
+    assert got["bytes_factor"] == pytest.approx(factor)
+    assert got["stages"]["read"]["seconds"] == pytest.approx(8.0 * factor)
+    assert got["bound_stage"] == "read"
+    # 2 s of the measured wall were not covered by the slowest stage: they stay 2 s
+    assert got["wall_seconds"] == pytest.approx(8.0 * factor + 2.0)
+    large = dict(run, wall_seconds=8.0 * model_bytes(shape, 4) / model_bytes(shape, 2) + 2.0)
+    chk = projection.check(run, large, shape, 2, 4)
+    assert chk["growth_relative_error"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_disk_need_is_checked_before_anything_is_written(tmp_path):
+    proc = _bench([str(tmp_path / "w"), "--shape", "llama-70b", "--layers", "100000"])
+    assert proc.returncode == 1
+    assert "not enough disk space" in proc.stderr and str(tmp_path / "w") in proc.stderr
+    assert not any((tmp_path / "w").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    proc = _bench([str(tmp_path), "--quick", "--device", "cuda"])
+    assert proc.returncode == 1 and "no CUDA device is available" in proc.stderr
+
+
+@requires_cuda
+def test_quick_bench_on_cuda_has_transfer_roofs_and_stage(tmp_path):
+    out = tmp_path / "c.json"
+    proc = _bench([str(tmp_path), "--quick", "--device", "cuda", "--json", str(out),
+                   "--kernel-methods", "ties"])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    for key in ("h2d_pinned_gbps", "d2h_pinned_gbps", "d2d_copy_gbps"):
+        assert _positive(result["roofs"][key])
+    stages = result["e2e"][0]["stages"]
+    assert list(stages) == ["read", "transfer", "compute", "write"]
+    assert _positive(stages["transfer"]["seconds"]) and _positive(stages["transfer"]["roof_gbps"])
+
+
+def test_benchmark_suites_run_in_quick_mode(tmp_path):
+    env = dict(os.environ, MERGECORE_BENCH_QUICK="1", MERGECORE_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-only", "-k", "ties"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for suite in ("kernels-suite", "e2e-suite"):
+        rows = [json.loads(line) for line in (tmp_path / f"{suite}.jsonl").read_text().splitlines()]
+        assert rows
+        for row in rows:
+            assert {"op", "backend", "shape", "dtype", "device", "commit", "date"} <= set(row)
+            assert _positive(row["seconds"]) and _positive(row["gbps"])
