@@ -49,10 +49,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
-def time_median(fn: Callable[[], Any], device: str, *, repeats: int = 5, warmup: int = 1,
-                min_time: float = 0.0) -> float:
-    """Median wall seconds of ``fn`` (synchronised on CUDA) after ``warmup`` untimed runs;
-    runs at least ``repeats`` times and for at least ``min_time`` seconds (at most 1000 runs)."""
+def run_timed(fn: Callable[[], Any], device: str, *, repeats: int = 5, warmup: int = 1,
+              min_time: float = 0.0) -> list[float]:
+    """Wall seconds of each run of ``fn`` (synchronised on CUDA) after ``warmup`` untimed
+    runs; at least ``repeats`` runs and at least ``min_time`` seconds (at most 1000 runs)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -65,7 +65,14 @@ def time_median(fn: Callable[[], Any], device: str, *, repeats: int = 5, warmup:
         times.append(time.perf_counter() - start)
         if len(times) >= 1000:
             break
-    return statistics.median(times)
+    return times
+
+
+def time_median(fn: Callable[[], Any], device: str, *, repeats: int = 5, warmup: int = 1,
+                min_time: float = 0.0) -> float:
+    """Median of :func:`run_timed` (what a kernel typically takes)."""
+    return statistics.median(run_timed(fn, device, repeats=repeats, warmup=warmup,
+                                       min_time=min_time))
 
 
 def require_device(device: str) -> str:
