@@ -107,17 +107,19 @@ def test_projection_scales_stage_times_with_bytes_and_keeps_fill_drain():
     assert chk["growth_relative_error"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_disk_need_is_checked_before_anything_is_written(tmp_path):
-    proc = _bench([str(tmp_path / "w"), "--shape", "llama-70b", "--layers", "100000"])
-    assert proc.returncode == 1
-    assert "not enough disk space" in proc.stderr and str(tmp_path / "w") in proc.stderr
+def test_disk_need_is_checked_before_anything_is_written(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "w"), "--shape", "llama-70b", "--layers", "100000",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and str(tmp_path / "w") in err
     assert not any((tmp_path / "w").iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
-def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
-    proc = _bench([str(tmp_path), "--quick", "--device", "cuda"])
-    assert proc.returncode == 1 and "no CUDA device is available" in proc.stderr
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", str(tmp_path), "--quick", "--device", "cuda", "--quiet"]) == 1
+    assert "no CUDA device is available" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @requires_cuda
