@@ -89,20 +89,37 @@ def test_projection_check_runs_two_depths(tmp_path, capsys):
     assert full["bound_stage"] in large["stages"] and _positive(full["wall_seconds"])
 
 
-def test_projection_scales_stage_times_with_bytes_and_keeps_fill_drain():
+def _run(wall: float, read: float, compute: float, write: float, shape: str, layers: int) -> dict:
+    b = model_bytes(shape, layers)
+    stages = {"read": (read, 3 * b), "compute": (compute, 4 * b), "write": (write, b)}
+    return {"wall_seconds": wall, "input_bytes": 3 * b, "bound_stage": "read",
+            "stages": {n: {"seconds": t, "bytes": n_b, "gbps": n_b / t / 1e9}
+                       for n, (t, n_b) in stages.items()}}
+
+
+def test_projection_scales_stage_times_and_the_non_overlapped_time_not_fill_drain():
     shape = "llama-70b"
-    run = {"wall_seconds": 10.0, "input_bytes": 3e9, "bound_stage": "read",
-           "stages": {"read": {"seconds": 8.0, "bytes": 3e9, "gbps": 3e9 / 8.0 / 1e9},
-                      "compute": {"seconds": 5.0, "bytes": 4e9, "gbps": 0.8},
-                      "write": {"seconds": 2.0, "bytes": 1e9, "gbps": 0.5}}}
+    run = _run(30.0, read=20.0, compute=12.0, write=6.0, shape=shape, layers=2)
     got = projection.project(run, shape, 2, 80)
     factor = model_bytes(shape, 80) / model_bytes(shape, 2)
     assert got["bytes_factor"] == pytest.approx(factor)
-    assert got["stages"]["read"]["seconds"] == pytest.approx(8.0 * factor)
+    assert got["stages"]["compute"]["seconds"] == pytest.approx(12.0 * factor)
     assert got["bound_stage"] == "read"
-    # 2 s of the measured wall were not covered by the slowest stage: they stay 2 s
-    assert got["wall_seconds"] == pytest.approx(8.0 * factor + 2.0)
-    large = dict(run, wall_seconds=8.0 * model_bytes(shape, 4) / model_bytes(shape, 2) + 2.0)
+    # fill: read the 3 models' embeddings, merge them (3 in + 1 out); drain: merge the heads,
+    # write one head; each at the run's stage rate
+    b = model_bytes(shape, 2)
+    emb = 32000 * 8192 * 2
+    fill = 3 * emb / (3 * b / 20.0) + 4 * emb / (4 * b / 12.0)
+    drain = 4 * emb / (4 * b / 12.0) + emb / (b / 6.0)
+    assert got["fill_drain_seconds"] == pytest.approx(fill + drain)
+    rest = 30.0 - 20.0 - (fill + drain)
+    assert got["wall_seconds"] == pytest.approx(20.0 * factor + fill + drain + rest * factor)
+    # a run whose stages overlapped perfectly projects to its slowest stage + fill/drain
+    tight = _run(20.0 + fill + drain, read=20.0, compute=12.0, write=6.0, shape=shape, layers=2)
+    assert projection.project(tight, shape, 2, 80)["wall_seconds"] == pytest.approx(
+        20.0 * factor + fill + drain)
+    # the check of a run against its own projection has no error
+    large = dict(run, wall_seconds=projection.project(run, shape, 2, 4)["wall_seconds"])
     chk = projection.check(run, large, shape, 2, 4)
     assert chk["growth_relative_error"] == pytest.approx(0.0, abs=1e-12)
 

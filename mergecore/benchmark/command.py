@@ -182,7 +182,9 @@ def _e2e_run(work: Path, shape: str, layers: int, args: argparse.Namespace, devi
                "generate_seconds": gen_seconds, **e2e.stage_table(stats, found, device),
                "inputs_cached_share": stats["inputs_cached_share"],
                "plan_and_files_seconds": stats["command_seconds"] - stats["wall"],
-               "peak_budget_bytes": stats["peak_budget_bytes"], "pipeline_stats": stats}
+               "peak_budget_bytes": stats["peak_budget_bytes"], "max_memory": args.max_memory,
+               "pipeline_stats": stats}
+        run["budget_note"] = e2e.budget_note(run, shape, layers, args.max_memory)
         if args.vs == "mergekit":
             run["vs_mergekit"] = e2e.compare_commands(config, work, device, args.max_memory,
                                                       inputs, step)

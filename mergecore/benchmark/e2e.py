@@ -21,6 +21,7 @@ and ``mergekit-yaml``) in child processes, with their peak resident memory.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -165,6 +166,22 @@ def stage_table(stats: dict[str, Any], roofs: dict[str, Any], device: str) -> di
         "output_bytes": stats["bytes_written"],
         "input_gbps": stats["bytes_read"] / wall / 1e9 if wall > 0 else None,
     }
+
+
+def budget_note(run: dict[str, Any], shape: str, layers: int, max_memory: int) -> str | None:
+    """A hint when ``--max-memory`` holds fewer than three of the largest tensor's inputs and
+    output: the reader then waits for the writer, and the stages cannot overlap."""
+    from mergecore.synthetic import llama_tensor_specs
+
+    largest = max(math.prod(s) for _, s in llama_tensor_specs(preset_key(shape), layers)) * 2
+    models = run["input_bytes"] / model_bytes(shape, layers)
+    item = (models + 1) * largest
+    if max_memory >= 3 * item:
+        return None
+    return (f"the memory budget ({max_memory / 2**30:.1f} GiB) holds {max_memory / item:.1f} of "
+            f"the largest tensor's inputs and output ({item / 1e9:.2f} GB): stages wait for each "
+            f"other on those; --max-memory {math.ceil(3 * item / 2**30)}GiB or more lets them "
+            "overlap")
 
 
 def run_pipeline(config: Path, out_dir: Path, device: str, max_memory: int,

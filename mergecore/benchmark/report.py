@@ -89,6 +89,8 @@ def render(result: dict[str, Any]) -> str:
                 f"{run['overlapped_seconds']:.2f} s overlapped = {pct(run['overlap_share'])}), "
                 f"bound by {run['bound_stage']}, input {run['input_gbps']:.2f} GB/s, "
                 f"inputs in page cache before: {pct(run.get('inputs_cached_share'))}")]
+        if run.get("budget_note"):
+            out.append("note: " + run["budget_note"])
         vs = run.get("vs_mergekit")
         if vs:
             out.append(f"whole command: mergecore {vs['mergecore_seconds']:.2f} s "
@@ -113,8 +115,10 @@ def render(result: dict[str, Any]) -> str:
         out += ["", (f"Projected full merge: {full['target_layers']} layers, "
                 f"{full['input_bytes'] / 1e9:.0f} GB in (from the {full['from_layers']}-layer run)"),
                 format_table(rows, ["stage", "GB", "GB/s", "seconds"]),
-                (f"wall {full['wall_seconds']:.0f} s ({full['wall_seconds'] / 60:.1f} min), bound "
-                f"by {full['bound_stage']}, input {full['input_gbps']:.2f} GB/s")]
+                (f"wall {full['wall_seconds']:.0f} s ({full['wall_seconds'] / 60:.1f} min) = "
+                 f"{full['bound_stage']} (the bound) + {full['fill_drain_seconds']:.0f} s fill/drain"
+                 f" + {full['not_overlapped_seconds']:.0f} s not overlapped; input "
+                 f"{full['input_gbps']:.2f} GB/s")]
     return "\n".join(out)
 
 
