@@ -119,6 +119,10 @@ def run_bench(args: argparse.Namespace, step: Callable[[str], None]) -> dict[str
     device = require_device(args.device)
     parts = set(PARTS) - {s.strip() for s in args.skip.split(",") if s.strip()}
     layer_runs = _plan_layers(args)
+    unknown = set(filter(None, args.kernel_methods.split(","))) - set(kernels.METHODS)
+    if unknown and "kernels" in parts:
+        raise ValueError(f"--kernel-methods: unknown {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(kernels.METHODS)}")
     if args.vs == "mergekit" and not e2e.mergekit_available():
         raise RuntimeError("--vs mergekit: mergekit is not installed (pip install mergekit)")
     work = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "mergecore-bench"
@@ -156,7 +160,8 @@ def run_bench(args: argparse.Namespace, step: Callable[[str], None]) -> dict[str
         small, large = result["e2e"]
         target = args.project_layers or shapes.full_depth(shape)
         result["projection"] = {
-            "model": projection.__doc__.split("\n\n")[1:3],
+            "model": "wall(L') = max_s T_s(L') + F + (R - F) * B(L') / B(L) "
+                     "(mergecore.benchmark.projection, docs/benchmarking.md)",
             "check": projection.check(small, large, shape, small["layers"], large["layers"]),
             "full": projection.project(large, shape, large["layers"], target),
         }
