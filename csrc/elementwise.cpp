@@ -146,6 +146,15 @@ std::vector<std::array<double, K>> blocked_reduce(const std::vector<Job>& jobs,
   return result;
 }
 
+// NaN/Inf values of x in [start, end): those whose exponent field is all ones.
+template <class Bits>
+MC_HOT uint64_t nonfinite_range(const void* ptr, Bits exp_mask, uint64_t start, uint64_t end) {
+  const Bits* p = static_cast<const Bits*>(ptr);
+  uint64_t count = 0;
+  for (uint64_t i = start; i < end; ++i) count += (p[i] & exp_mask) == exp_mask;
+  return count;
+}
+
 }  // namespace
 
 void lerp2_many(const std::vector<Lerp2Job>& jobs) {
@@ -165,6 +174,23 @@ std::vector<std::array<double, 2>> masked_l1_many(const std::vector<L1Job>& jobs
   return blocked_reduce<2>(jobs, [](const L1Job& job, uint64_t s, uint64_t e, double* out) {
     l1_block(job, s, e, out);
   });
+}
+
+std::vector<uint64_t> count_nonfinite_many(const std::vector<TensorRef>& tensors) {
+  std::vector<uint64_t> sizes;
+  for (const auto& t : tensors) sizes.push_back(t.n);
+  std::vector<Item> items = make_items(sizes, TILE, 256 * TILE, 4096 * TILE);
+  std::vector<uint64_t> counts(tensors.size(), 0);
+  parallel_for(items.size(), [&](size_t i) {
+    const Item& it = items[i];
+    const Operand& x = tensors[it.job].x;
+    uint64_t c = x.dtype == F32
+                     ? nonfinite_range<uint32_t>(x.ptr, 0x7F800000u, it.start, it.end)
+                     : nonfinite_range<uint16_t>(x.ptr, x.dtype == F16 ? 0x7C00u : 0x7F80u,
+                                                 it.start, it.end);
+    __atomic_fetch_add(&counts[it.job], c, __ATOMIC_RELAXED);
+  });
+  return counts;
 }
 
 }  // namespace mc

@@ -32,6 +32,11 @@ struct L1Job {
   Mask mask;
 };
 
+struct TensorRef {
+  Operand x;
+  uint64_t n;
+};
+
 struct SelectJob {
   Operand base, x;  // base.ptr may be null: keys of |x|
   uint64_t n;
@@ -70,5 +75,7 @@ std::vector<std::vector<TopSet>> select_top_many(const std::vector<SelectJob>& j
 std::pair<uint64_t, uint64_t> select_tuning(uint64_t small_n, uint64_t grain);
 // the fused sum / elect combine
 void combine_many(const std::vector<CombineJob>& jobs);
+// number of NaN/Inf values (all-ones exponent field) per tensor
+std::vector<uint64_t> count_nonfinite_many(const std::vector<TensorRef>& tensors);
 
 }  // namespace mc

@@ -95,6 +95,18 @@ void lerp2_many(const std::vector<Lerp2Tuple>& in) {
 }
 
 using PairTuple = std::tuple<uint64_t, int, uint64_t, int, uint64_t>;
+using TensorTuple = std::tuple<uint64_t, int, uint64_t>;
+
+std::vector<uint64_t> count_nonfinite_many(const std::vector<TensorTuple>& in) {
+  std::vector<mc::TensorRef> tensors;
+  tensors.reserve(in.size());
+  for (const auto& t : in) {
+    uint64_t n = std::get<2>(t);
+    tensors.push_back(mc::TensorRef{operand(std::get<0>(t), std::get<1>(t), n, "count_nonfinite x"), n});
+  }
+  py::gil_scoped_release release;
+  return mc::count_nonfinite_many(tensors);
+}
 
 std::vector<std::tuple<double, double, double>> slerp_reduce_many(const std::vector<PairTuple>& in) {
   std::vector<mc::SlerpPair> pairs;
@@ -260,6 +272,8 @@ PYBIND11_MODULE(_C, m) {
         "jobs: [(base, base_dt, x, x_dt, n, mask)] -> [(L1(d), L1(d*keep))].");
   m.def("select_top_many", &select_top_many, py::arg("jobs"),
         "jobs: [(base, base_dt, x, x_dt, n, ks)] -> [[(threshold, cutoff) per k]].");
+  m.def("count_nonfinite_many", &count_nonfinite_many, py::arg("tensors"),
+        "tensors: [(x, x_dt, n)] -> [number of NaN/Inf values].");
   m.def("combine_many", &combine_many, py::arg("jobs"),
         "jobs: [(out, out_dt, base, base_dt, n, [(x, x_dt)], [mask], coefs, weights, mode, "
         "normalize, lam)].");

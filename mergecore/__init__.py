@@ -5,6 +5,7 @@ first use (see ``mergecore.dispatch``).
 """
 
 from mergecore.errors import MergeError, NonFiniteError
+from mergecore.lora import apply_lora
 from mergecore.ops import (
     batched,
     breadcrumbs,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MergeError",
     "NonFiniteError",
+    "apply_lora",
     "batched",
     "breadcrumbs",
     "breadcrumbs_ties",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mergecore.benchmark.command import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    mergekit_yaml = sub.add_parser(
+        "mergekit-yaml", add_help=False,
+        help="run mergekit's own CLI with mergecore computing its methods (takes mergekit's flags)")
+    mergekit_yaml.add_argument("mergekit_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -92,12 +97,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             f"merged {s.tensors} tensors in {s.wall:.2f} s: read {human_bytes(s.bytes_read)}, "
             f"wrote {human_bytes(s.bytes_written)} ({rate:.2f} GB/s input) -> {args.out_dir}"
         )
+        if args.verbose:
+            print(f"stage busy time: read {s.read_busy:.2f} s, compute {s.compute_busy:.2f} s, "
+                  f"write {s.write_busy:.2f} s (wall {s.wall:.2f} s); "
+                  f"peak bytes in flight {human_bytes(s.peak_budget_bytes)}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mergecore.demo import run_demo
 
+    for module in ("transformers", "peft"):
+        if importlib.util.find_spec(module) is None:
+            raise SystemExit(f"mergecore demo needs {module!r} to generate and load its example "
+                             "models: pip install 'mergecore[demo]' (or pip install -e '.[demo]')")
     return run_demo(args.dir, quiet=args.quiet)
 
 
@@ -107,7 +120,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return cmd_bench(args)
 
 
+def _cmd_mergekit_yaml(mergekit_args: Sequence[str]) -> int:
+    from mergecore.integrations import MissingIntegrationError
+
+    try:
+        from mergecore.integrations.mergekit_cli import run_mergekit_yaml
+    except MissingIntegrationError as exc:
+        print(f"mergecore: error: {exc}", file=sys.stderr)
+        return 1
+    return run_mergekit_yaml(mergekit_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mergekit-yaml"]:  # every later argument is mergekit's, --help included
+        return _cmd_mergekit_yaml(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", 0) > 1 else

@@ -106,7 +106,9 @@ def describe_plan(plan, options: MergeOptions, *, verbose: int = 0) -> str:
     lines += [f"warning: {w}" for w in plan.warnings]
     if verbose:
         for t in plan.tensors:
-            inputs = ", ".join(f"{Path(i.model).name}:{i.info.name}" for i in t.inputs)
+            inputs = ", ".join(f"{Path(i.info.file).parent.name}"
+                               f"{'+' + Path(i.adapter).name if i.adapter else ''}:{i.info.name}"
+                               for i in t.inputs)
             lines.append(f"  {t.name} {list(t.shape)} {t.out_dtype} <- {t.method}({inputs})")
     return "\n".join(lines)
 

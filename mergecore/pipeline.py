@@ -27,8 +27,10 @@ import torch
 from mergecore.budget import ByteBudget
 from mergecore.dtypes import parse_dtype
 from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
+from mergecore.lora.inputs import PlanAdapters, apply_updates, updates_to
 from mergecore.ops import make_job, merge_many
 from mergecore.transfer_timer import TransferTimer
+from mergecore.vocab_tail import join_tail, split_tail
 
 _DONE = object()
 
@@ -71,6 +73,8 @@ class _Item:
     in_bytes: int
     out_bytes: int
     ready: Any = None  # CUDA event when inputs were copied on a side stream
+    lora: Any = None  # per input, its LoRA update (None: unchanged), or None for none
+    extra_bytes: int = 0  # budget held for the LoRA updates
 
 
 def _item_bytes(planned) -> tuple[int, int]:
@@ -129,6 +133,7 @@ class MergePipeline:
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._h2d = TransferTimer() if self._cuda else None
         self._d2h = TransferTimer() if self._cuda else None
+        self._adapters = PlanAdapters.for_plan(plan.tensors)
 
     # ----- stage 1: read ------------------------------------------------------------------
     def _read_all(self) -> None:
@@ -136,7 +141,8 @@ class MergePipeline:
             if self._stop.is_set():
                 break
             in_bytes, out_bytes = _item_bytes(planned)
-            self.budget.acquire(in_bytes + out_bytes)
+            extra = self._adapters.extra_bytes(planned) if self._adapters else 0
+            self.budget.acquire(in_bytes + out_bytes + extra)
             start = time.perf_counter()
             buffers: dict[tuple, torch.Tensor] = {}
             inputs = []
@@ -149,13 +155,19 @@ class MergePipeline:
                     buffers[key] = buf
                     self.stats.bytes_read += inp.info.nbytes
                 inputs.append(_as_tensor(buffers[key], inp.info, inp.rows))
-            item = _Item(planned, inputs, in_bytes, out_bytes)
+            item = _Item(planned, inputs, in_bytes, out_bytes, extra_bytes=extra)
+            if self._adapters is not None:
+                item.lora = self._adapters.updates(planned)
+                self.stats.bytes_read += sum(u.nbytes for u in item.lora or () if u)
             if self._cuda:
                 with torch.cuda.stream(self._copy_stream):
                     began = self._h2d.begin(self._copy_stream)
                     item.inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                    if item.lora is not None:
+                        item.lora = updates_to(item.lora, self.device, non_blocking=True)
                     self._h2d.end(began, self._copy_stream,
-                                  sum(t.numel() * t.element_size() for t in inputs))
+                                  sum(t.numel() * t.element_size() for t in inputs)
+                                  + sum(u.nbytes for u in item.lora or () if u))
                     item.ready = torch.cuda.Event()
                     item.ready.record(self._copy_stream)
             self.stats.read_busy += time.perf_counter() - start
@@ -216,19 +228,21 @@ class MergePipeline:
 
     def _compute_batch(self, items: list[_Item]) -> None:
         start = time.perf_counter()
-        jobs, job_items, results = [], [], {}
+        jobs, job_items, results, tails = [], [], {}, {}
         for k, item in enumerate(items):
             if item.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(item.ready)
+            item.inputs = apply_updates(item.inputs, item.lora)
             if item.planned.method == "copy":
                 src = item.inputs[0]
                 results[k] = src.to(SAFETENSORS_DTYPES[item.planned.out_dtype][0])
             else:
+                item.inputs, tails[k] = split_tail(item.planned, item.inputs)
                 jobs.append(self._job(item))
                 job_items.append(k)
         if jobs:
             for k, out in zip(job_items, merge_many(jobs)):
-                results[k] = out
+                results[k] = join_tail(out, tails[k])
         for k, item in enumerate(items):
             out = results[k]
             event = None
@@ -241,7 +255,7 @@ class MergePipeline:
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.device))
                 out = host
-            self.budget.release(item.in_bytes)
+            self.budget.release(item.in_bytes + item.extra_bytes)
             if self.options.progress is not None:
                 self.options.progress(item.in_bytes)
             self._to_write.put((item.planned.name, out, event, item.out_bytes))
@@ -292,6 +306,8 @@ class MergePipeline:
             self._to_write.put(_DONE)
             reader.join()
             writer.join()
+            if self._adapters is not None:
+                self._adapters.close()
         for err in (compute_error, reader.error, writer.error):
             if err is not None:
                 raise err

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from mergecore.config.blockmerge import resolve_blockmerge
 from mergecore.config.errors import ConfigError, Problems
 from mergecore.config.layout import (
     ModelLayout,
@@ -116,7 +117,10 @@ class PlannedTensor:
     - ``input_params``: ``{name: [value per input]}`` (weight, density, gamma, scale), None
       at the base's position for the parameters the base does not take;
     - ``layer``: the output layer index (within its layer stack), None for non-layer tensors;
-    - ``u``: the position gradients were evaluated at.
+    - ``u``: the position gradients were evaluated at;
+    - ``tail_from``: with ``vocab_rows: first`` and a first model of a larger vocabulary, the
+      input whose rows from ``common_rows`` on are copied to the output after the merge of
+      the first ``common_rows`` rows (``mergecore.vocab_tail``); else None.
     """
 
     name: str
@@ -130,6 +134,8 @@ class PlannedTensor:
     input_params: dict[str, list[Any]] = field(default_factory=dict)
     layer: int | None = None
     u: float = 0.0
+    tail_from: int | None = None
+    common_rows: int | None = None
 
     @property
     def numel(self) -> int:
@@ -425,17 +431,23 @@ class _Planner:
                               f"not in others ({desc})")
             return
         shapes = {info.shape for info in infos}
-        rows = None
+        rows = tail_from = None
         shape = infos[ref].shape
         if len(shapes) > 1:
             same_tail = len({(len(s), s[1:]) for s in shapes}) == 1 and len(shape) >= 1
             if same_tail and floats == {True} and self.is_vocab(group, infos, names[ref]):
                 rows = min(s[0] for s in shapes)
-                shape = (rows, *shape[1:])
-                self.vocab_rows = rows if self.vocab_rows is None else min(self.vocab_rows, rows)
+                if self.config.vocab_rows == "first" and shape[0] > rows:
+                    tail_from = ref  # the output keeps the first model's vocabulary
+                else:
+                    shape = (rows, *shape[1:])
+                    self.vocab_rows = rows if self.vocab_rows is None else min(self.vocab_rows,
+                                                                               rows)
                 self.warn(f"tensor {out_name!r}: vocabularies differ ("
                           + ", ".join(f"{w!r}: {i.shape[0]}" for w, i in zip(who, infos))
-                          + f"); merging the first {rows} rows")
+                          + f"); merging the first {rows} rows"
+                          + (f", the rest copied from {who[ref]!r}" if tail_from is not None
+                             else ""))
             else:
                 odd = [w for w, i in zip(who, infos) if i.shape != infos[ref].shape]
                 desc = ", ".join(f"{w!r}: {list(i.shape)}" for w, i in zip(who, infos))
@@ -474,12 +486,14 @@ class _Planner:
                 dt = torch.promote_types(dt, info.torch_dtype)
             out_code = TORCH_TO_SAFETENSORS[dt]
         inputs = [PlannedInput(s.ref.ref, info, s.ref.adapter,
-                               rows if rows is not None and info.shape[0] > rows else None)
-                  for s, info in zip(group.sources, infos)]
+                               rows if rows is not None and info.shape[0] > rows
+                               and k != tail_from else None)
+                  for k, (s, info) in enumerate(zip(group.sources, infos))]
         self.tensors.append(PlannedTensor(
             name=out_name, shape=tuple(shape), out_dtype=out_code,
             compute_dtype=self.compute_dtype, method=self.method.name, inputs=inputs,
-            base_index=base_pos, global_params=glob, input_params=per, layer=layer, u=u))
+            base_index=base_pos, global_params=glob, input_params=per, layer=layer, u=u,
+            tail_from=tail_from, common_rows=rows if tail_from is not None else None))
 
     # --- the two forms ---
     def plan_models(self, group: _Group) -> int:
@@ -656,6 +670,8 @@ def build_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
     """
     if config.merge_method not in METHODS:
         raise ConfigError([f"merge method {config.merge_method!r} is not supported"])
+    if config.blockmerge is not None:
+        config = resolve_blockmerge(config, checkpoints)
     planner = _Planner(config, checkpoints, out_dtype=out_dtype, allow_crimes=allow_crimes)
     return planner.run(random_seed)
 

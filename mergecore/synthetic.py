@@ -447,6 +447,9 @@ def make_lora_adapter(
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
     use_rslora: bool = False,
     seed: int = 0,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    modules_to_save: Sequence[str] | None = None,
 ) -> Path:
     """Write a PEFT LoRA adapter for the model in ``base_dir`` to ``out_dir``; return ``out_dir``.
 
@@ -456,6 +459,11 @@ def make_lora_adapter(
     ``W' = W + s * B @ A`` with ``s = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``).
     The adapter is saved with ``save_pretrained`` (``adapter_config.json``,
     ``adapter_model.safetensors``); ``base_model_name_or_path`` is ``base_dir``.
+
+    ``rank_pattern`` / ``alpha_pattern`` / ``modules_to_save`` go to ``LoraConfig`` as they are.
+    An embedding among ``target_modules`` gets ``lora_embedding_A = N(0,1)/sqrt(r)`` and
+    ``lora_embedding_B = 0.02 N(0,1)``; a ``modules_to_save`` copy is the base tensor plus
+    ``0.01 N(0,1)`` (so that it differs from the base).
     """
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -469,7 +477,10 @@ def make_lora_adapter(
         model = _model_class(config).from_pretrained(str(base_dir))
         lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules),
                           use_rslora=use_rslora, lora_dropout=0.0, bias="none",
-                          fan_in_fan_out=config.model_type == "gpt2")
+                          fan_in_fan_out=config.model_type == "gpt2",
+                          rank_pattern=dict(rank_pattern or {}),
+                          alpha_pattern=dict(alpha_pattern or {}),
+                          modules_to_save=list(modules_to_save) if modules_to_save else None)
         peft_model = get_peft_model(model, lora)
         gen = _generator(seed, 7)
         n = 0
@@ -478,8 +489,14 @@ def make_lora_adapter(
                 if ".lora_A." in name:
                     param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[1]))
                     n += 1
-                elif ".lora_B." in name:
+                elif ".lora_embedding_A." in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[0]))
+                    n += 1
+                elif ".lora_B." in name or ".lora_embedding_B." in name:
                     param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+                elif ".modules_to_save." in name:
+                    noise = 0.01 * torch.randn(param.shape, generator=gen)
+                    param.copy_(param.float() + noise)
         if n == 0:
             raise ValueError(f"no module of {base_dir} matches target_modules {target_modules}")
     out = Path(out_dir)

@@ -779,3 +779,22 @@ def test_math_helpers_are_consistent():
     assert ref_topset(keys, 2) == TopSet(7, 3)
     assert ref_topset(keys, 3) == TopSet(7, 5)
     assert math.isclose(float(in_topset(keys, TopSet(7, 3)).sum()), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_count_nonfinite_matches_torch(dtype):
+    """NaN, +Inf and -Inf planted at random places (the last element too) in tensors of odd
+    lengths, one of them split over many chunks, are counted exactly; finite extremes are not."""
+    tensors = []
+    for n in (1, 17, 1_000_003):
+        t = rand(n, dtype)
+        where = torch.randperm(n)[: max(1, n // 1000)]
+        t[where] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype).repeat(
+            len(where))[: len(where)]
+        t[-1] = float("nan")
+        tensors.append(t)
+    finite = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, 0.0, -0.0], dtype=dtype)
+    tensors.append(finite)
+    want = [int((~torch.isfinite(t)).sum()) for t in tensors]
+    assert cpu.count_nonfinite_many(tensors) == want
+    assert want[-1] == 0 and want[2] > 1

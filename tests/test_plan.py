@@ -716,7 +716,9 @@ def test_architectures_must_agree_unless_crimes(tmp_path):
 def test_lora_reference_and_missing_paths(tmp_path):
     a = toy(tmp_path / "a", 1)
     lora = tmp_path / "lora"
-    lora.mkdir()
+    lora.mkdir()  # a valid PEFT adapter that changes nothing
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1, "lora_alpha": 1}')
+    save_file({}, str(lora / "adapter_model.safetensors"))
     plan = plan_for(f"""
         merge_method: linear
         models: [{{model: {a}+{lora}}}, {{model: {a}}}]

@@ -56,6 +56,7 @@ _REQUIRED = (
     "masked_l1_many",
     "select_top_many",
     "combine_many",
+    "count_nonfinite_many",
     "set_num_threads",
     "get_num_threads",
     "pread_into",
@@ -188,6 +189,17 @@ def slerp_reduce_many(
         bp, bc = _operand(b, f"slerp_reduce_many pair {j}: b", a.numel())
         encoded.append((ap, ac, bp, bc, a.numel()))
     return [tuple(s) for s in _C.slerp_reduce_many(encoded)]
+
+
+def count_nonfinite_many(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """For each tensor: how many of its values are NaN or Inf (exponent field all ones).
+
+    Not a spec primitive: ``mergecore.ops`` uses it to check merge outputs at memory speed."""
+    encoded = []
+    for j, t in enumerate(tensors):
+        ptr, code = _operand(t, f"count_nonfinite_many tensor {j}")
+        encoded.append((ptr, code, t.numel()))
+    return list(_C.count_nonfinite_many(encoded))
 
 
 def lerp2_many(jobs: Sequence[Lerp2Job]) -> None:

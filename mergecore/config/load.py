@@ -21,10 +21,13 @@ def open_checkpoints(models: Iterable[ModelRef],
 
     Returns ``{path: Checkpoint}``. Every model that cannot be opened (missing directory,
     hub id, pickle-only weights, malformed file ...) is a problem: added to ``problems`` when
-    given (the caller raises), else raised at once as a ``ConfigError``. A LoRA adapter path
-    that does not exist is a problem too.
+    given (the caller raises), else raised at once as a ``ConfigError``. A LoRA adapter
+    (``path+adapter``) that does not exist or does not fit its model (missing files, unsupported
+    features, targets the model lacks, shapes that differ) is a problem too; only headers and
+    configs are read.
     """
     from mergecore.io.checkpoint import open_checkpoint
+    from mergecore.lora import adapter_problems
 
     own = problems is None
     problems = Problems() if problems is None else problems
@@ -34,13 +37,15 @@ def open_checkpoints(models: Iterable[ModelRef],
         if ref.adapter is not None and not Path(ref.adapter).expanduser().exists():
             problems.add(f"model {ref.ref!r}", f"LoRA adapter path {ref.adapter!r} does not "
                          "exist")
-        if ref.path in out or ref.path in failed:
-            continue
-        try:
-            out[ref.path] = open_checkpoint(ref.path)
-        except (ValueError, OSError) as exc:  # CheckpointError, SafetensorsError
-            failed.add(ref.path)
-            problems.add(f"model {ref.ref!r}", str(exc))
+        if ref.path not in out and ref.path not in failed:
+            try:
+                out[ref.path] = open_checkpoint(ref.path)
+            except (ValueError, OSError) as exc:  # CheckpointError, SafetensorsError
+                failed.add(ref.path)
+                problems.add(f"model {ref.ref!r}", str(exc))
+        if ref.adapter is not None and ref.path in out and Path(ref.adapter).expanduser().exists():
+            for line in adapter_problems(ref.adapter, out[ref.path]):
+                problems.add(f"model {ref.ref!r}", line)
     if own:
         problems.raise_if_any()
     return out

@@ -16,6 +16,8 @@ Accepted keys, as mergekit 0.1.5 reads them:
     name: STR                             (a stage of a multi-document recipe)
 
 ``REF`` is a model path, or ``path+adapter_path`` for a LoRA adapter applied to the model.
+A document with ``model_path1`` / ``model_path2`` (and no ``merge_method``) is a
+BlockMerge_Gradient document (``mergecore.config.blockmerge``), read as a ``linear`` merge.
 Several documents separated by ``---`` form a multi-stage recipe (mergekit-multi): named
 documents are intermediate merges that later documents may use as models by name; at most
 one document has no name (the final output).
@@ -35,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from mergecore.config.blockmerge import is_blockmerge, parse_blockmerge
 from mergecore.config.errors import ConfigError, Problems
 from mergecore.config.methods import (
     GLOBAL,
@@ -144,6 +147,12 @@ class MergeConfig:
     random_seed: int | None = None
     name: str | None = None
     warnings: list[str] = field(default_factory=list)
+    #: A BlockMerge_Gradient document's operations, turned into per-tensor weights by the
+    #: planner (``mergecore.config.blockmerge``); None for a mergekit document.
+    blockmerge: Any = None
+    #: Vocabulary-sized tensors of different sizes: ``"common"`` merges the rows all models
+    #: share (mergekit); ``"first"`` keeps the first model's rows (its extra rows unchanged).
+    vocab_rows: str = "common"
 
     @property
     def method(self) -> MethodSpec:
@@ -365,6 +374,8 @@ class _Checker:
 
 def _check_document(raw: Any, doc_label: str, problems: Problems) -> MergeConfig | None:
     prefix = f"{doc_label}: " if doc_label else ""
+    if is_blockmerge(raw):
+        return parse_blockmerge(raw, _Checker(problems, prefix, None))
     if not isinstance(raw, dict):
         problems.add(doc_label or None, "a merge configuration must be a YAML mapping "
                      "(merge_method:, models: or slices:, ...)")
