@@ -1,4 +1,4 @@
-"""The ``mergecore`` command line: ``merge`` (a drop-in for mergekit-yaml), ``demo``, ``bench``."""
+"""The ``mergecore`` command line: ``merge`` (a drop-in for mergekit-yaml), ``verify``, ``demo``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,12 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-seed", type=int, default=None, help="seed of the DARE random stream")
     p.add_argument("--max-memory", type=parse_size, default=parse_size("2GiB"),
                    help="budget for tensors in flight (default 2GiB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace a non-empty output directory")
+    existing.add_argument("--resume", action="store_true",
+                          help="finish an interrupted merge into OUT_DIR: keep the shards it "
+                               "completed (verified against the manifest), merge the rest")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything and print the plan (tensors, shards, bytes); merge nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -56,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="run a mergekit YAML merge")
     _add_merge_flags(merge)
+    verify = sub.add_parser("verify", help="check a merged output: index, shard headers, "
+                            "checksums, config")
+    verify.add_argument("out_dir", help="the output directory of a merge")
+    verify.add_argument("--no-checksums", dest="checksums", action="store_false",
+                        help="skip re-hashing the shards (headers and index are still checked)")
+    verify.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     demo = sub.add_parser("demo", help="generate small example models and merge them")
     demo.add_argument("dir", nargs="?", default=None, help="work directory (default: a temp dir)")
     demo.add_argument("-q", "--quiet", action="store_true")
@@ -85,6 +96,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         random_seed=args.random_seed,
         max_memory=args.max_memory,
         overwrite=args.overwrite,
+        resume=args.resume,
         quiet=args.quiet,
         dry_run=args.dry_run,
         verbose=args.verbose,
@@ -102,6 +114,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                   f"write {s.write_busy:.2f} s (wall {s.wall:.2f} s); "
                   f"peak bytes in flight {human_bytes(s.peak_budget_bytes)}")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from mergecore.verify import verify_output
+
+    report = verify_output(args.out_dir, checksums=args.checksums)
+    print(report.text(quiet=args.quiet))
+    return 0 if report.ok else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -141,14 +161,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.INFO if getattr(args, "verbose", 0) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"merge": _cmd_merge, "demo": _cmd_demo, "bench": _cmd_bench}
+    handlers = {"merge": _cmd_merge, "verify": _cmd_verify, "demo": _cmd_demo,
+                "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt:
-        print("mergecore: interrupted; no output was finalized", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from mergecore.interrupt import exit_status
+        from mergecore.resume import resume_hint
+
+        what = f"interrupted ({exc})" if str(exc) else "interrupted"
+        kept = resume_hint(args.out_dir) if args.command == "merge" else "nothing was kept"
+        print(f"mergecore: {what}; no output was finalized; {kept}", file=sys.stderr)
+        return exit_status(exc)
     except (ValueError, OSError, RuntimeError) as exc:
         if getattr(args, "verbose", 0):
             raise
         print(f"mergecore: error: {exc}", file=sys.stderr)
+        if args.command == "merge" and not args.dry_run and isinstance(exc, OSError):
+            from mergecore.resume import resume_hint
+
+            print(f"mergecore: {resume_hint(args.out_dir)}", file=sys.stderr)
         return 1

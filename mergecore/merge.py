@@ -2,25 +2,40 @@
 
 Order of work, so that nothing long starts before everything checkable has been checked:
 1. parse the YAML and open every input's safetensors headers (no tensor data is read);
-2. build and validate the plan (every problem listed at once), check the output directory
-   and the free disk space;
+2. build and validate the plan, check the output directory and the free disk space
+   (``mergecore.preflight``; every problem listed at once); with ``--resume``, verify the
+   shards an interrupted run completed (``mergecore.resume``);
 3. stream: read, merge, write shards under temporary names, rename each when complete;
 4. write config.json, tokenizer files, the model card and the YAML; the index comes last.
-An error at any point removes the partial files; an output never looks complete when it is not.
+An interruption (SIGINT, SIGTERM) or an OS error (disk full) keeps the completed shards and
+the manifest for ``--resume`` and deletes the temporary files; any other error removes
+everything the run wrote. An output never looks complete when it is not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergecore import faults, preflight
+from mergecore.config.errors import ConfigError
 from mergecore.dtypes import dtype_name
+from mergecore.interrupt import handle_termination, keeps_progress
 from mergecore.io import StreamingWriter, TensorReader, plan_shards, tokenizer_files
 from mergecore.io.types import SAFETENSORS_DTYPES
-from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats
+from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats, _item_bytes
+from mergecore.resume import (
+    FINGERPRINT_KEY,
+    ResumeError,
+    ResumeState,
+    check_resume,
+    plan_fingerprint,
+    prepare_resume_dir,
+)
 
 
 @dataclass
@@ -36,6 +51,7 @@ class MergeOptions:
     random_seed: int | None = None
     max_memory: int = 2 << 30
     overwrite: bool = False
+    resume: bool = False
     quiet: bool = False
     dry_run: bool = False
     verbose: int = 0
@@ -61,6 +77,30 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             )
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_output(plan, out_dir: Path, options: MergeOptions, shards, fingerprint: str,
+                  tokenizer_source: Path | None) -> ResumeState:
+    """Every output-side problem at once (``OutputCheckError``); what ``--resume`` keeps."""
+    problems = preflight.directory_problems(out_dir, overwrite=options.overwrite,
+                                            resume=options.resume)
+    input_dirs = {Path(i.info.file).parent for t in plan.tensors for i in t.inputs}
+    input_dirs |= {tokenizer_source} if tokenizer_source is not None else set()
+    problems += preflight.input_overlap_problems(out_dir, input_dirs)
+    state = ResumeState()
+    if options.resume and not problems:
+        try:
+            state = check_resume(out_dir, shards, fingerprint)
+        except ResumeError as exc:
+            problems.append(str(exc))
+    extra = 0
+    if options.copy_tokenizer and tokenizer_source is not None:
+        extra = sum(f.stat().st_size for f in tokenizer_files(tokenizer_source) if f.is_file())
+    problems += preflight.space_problems(out_dir, shards, overwrite=options.overwrite,
+                                         kept=state.completed, extra_bytes=extra)
+    if problems:
+        raise preflight.OutputCheckError(out_dir, problems)
+    return state
 
 
 class _Progress:
@@ -114,23 +154,38 @@ def describe_plan(plan, options: MergeOptions, *, verbose: int = 0) -> str:
 
 
 def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
-             tokenizer_source: Path | None = None) -> MergeResult:
-    """Execute an already validated plan into ``out_dir`` (which must be prepared)."""
+             tokenizer_source: Path | None = None, fingerprint: str | None = None,
+             resume: ResumeState | None = None) -> MergeResult:
+    """Execute an already validated plan into ``out_dir`` (which must be prepared).
+
+    ``fingerprint`` is recorded in the manifest; ``resume`` names the verified shards of an
+    interrupted run that are kept (their tensors are not merged again)."""
     if options.num_threads:
         os.environ["MERGECORE_NUM_THREADS"] = str(options.num_threads)
+        cpu_backend = sys.modules.get("mergecore.backends.cpu")
+        if cpu_backend is not None:  # already imported: it read the variable then
+            cpu_backend.set_num_threads(options.num_threads)
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors]
     shards = plan_shards(entries, options.out_shard_size)
-    progress = _Progress(plan.total_input_bytes, options.quiet)
+    completed = dict(resume.completed) if resume is not None else {}
+    if completed:
+        done = {name for spec in shards.shards if spec.filename in completed
+                for name, _, _ in spec.entries}
+        todo = [t for t in plan.tensors if t.name not in done]
+        work = dataclasses.replace(plan, tensors=todo, total_input_bytes=sum(
+            _item_bytes(t)[0] for t in todo))
+    else:
+        work = plan
+    progress = _Progress(work.total_input_bytes, options.quiet)
     pipe_options = PipelineOptions(device=options.device, max_memory=options.max_memory,
                                    random_seed=options.random_seed, progress=progress)
+    extra = {FINGERPRINT_KEY: fingerprint} if fingerprint else None
+    writer = None
     try:
-        with TensorReader(nthreads=2, drop_cache=True) as reader:
-            writer = StreamingWriter(out_dir, shards)
-            try:
-                stats = MergePipeline(plan, reader, writer, pipe_options).run()
-            except BaseException:
-                writer.abort()
-                raise
+        with TensorReader(nthreads=2, drop_cache=True) as reader, handle_termination():
+            writer = StreamingWriter(out_dir, shards, manifest_extra=extra, completed=completed,
+                                     keep_complete_on_os_error=True)
+            stats = MergePipeline(work, reader, faults.wrap_writer(writer), pipe_options).run()
             from mergecore import output_files
 
             output_files.write_config_json(out_dir, plan.output_config)
@@ -146,6 +201,13 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
                         dtype=", ".join(dtype_name(SAFETENSORS_DTYPES[d][0]) for d in out_dtypes),
                     )
             files = writer.finalize()
+    except BaseException as exc:
+        if writer is not None:  # no-op once finalized
+            if keeps_progress(exc):
+                writer.suspend()  # keep complete shards and the manifest for --resume
+            else:
+                writer.abort()
+        raise
     finally:
         progress.close()
     return MergeResult(out_dir, files, stats, plan)
@@ -157,16 +219,35 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     from mergecore.config import load_merge
 
     options = options or MergeOptions()
+    if options.overwrite and options.resume:
+        raise ValueError("--overwrite and --resume exclude each other")
     out_dir = Path(out_dir)
     yaml_text = Path(config_path).read_text(encoding="utf-8")
-    plan = load_merge(config_path, random_seed=options.random_seed,
-                      allow_crimes=options.allow_crimes)
-    if options.dry_run:
-        print(describe_plan(plan, options, verbose=options.verbose))
-        return MergeResult(out_dir, [], PipelineStats(), plan)
-    _prepare_out_dir(out_dir, options.overwrite)
+    try:
+        plan = load_merge(config_path, random_seed=options.random_seed,
+                          allow_crimes=options.allow_crimes)
+    except ConfigError as exc:  # list the output directory's problems with the config's
+        extra = preflight.directory_problems(out_dir, overwrite=options.overwrite,
+                                             resume=options.resume)
+        raise ConfigError(exc.problems + extra, source=exc.source) from None
     if options.random_seed is None and plan.random_seed is not None:
         options.random_seed = plan.random_seed
-    source = plan.tokenizer_path
-    return run_plan(plan, out_dir, options, yaml_text=yaml_text,
-                    tokenizer_source=Path(source) if source else None)
+    source = Path(plan.tokenizer_path) if plan.tokenizer_path else None
+    entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors]
+    shards = plan_shards(entries, options.out_shard_size)
+    fingerprint = plan_fingerprint(plan, out_shard_size=options.out_shard_size,
+                                   random_seed=options.random_seed, device=options.device)
+    if options.dry_run:
+        print(describe_plan(plan, options, verbose=options.verbose))
+    state = _check_output(plan, out_dir, options, shards, fingerprint, source)
+    if options.dry_run:
+        return MergeResult(out_dir, [], PipelineStats(), plan)
+    if options.resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_resume_dir(out_dir, shards, state)
+        if not options.quiet:
+            print(state.summary(len(shards.shards)), file=sys.stderr)
+    else:
+        _prepare_out_dir(out_dir, options.overwrite)
+    return run_plan(plan, out_dir, options, yaml_text=yaml_text, tokenizer_source=source,
+                    fingerprint=fingerprint, resume=state)

@@ -140,9 +140,14 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
 
 
 def _check_finite(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor]) -> None:
-    """Raise NonFiniteError when an output holds NaN/Inf, naming the input that caused it."""
+    """Raise NonFiniteError when an output or an input holds NaN/Inf, naming the input.
+
+    Outputs are always counted. Inputs are counted where the output is not finite, and
+    always for the sparsifying methods (TIES, DARE, breadcrumbs): they can drop a NaN/Inf
+    delta entry (trimmed, randomly dropped, or outvoted in the sign election) and still give
+    a finite output, which would hide a corrupt input."""
     for job, out, bad_out in zip(jobs, outs, nonfinite_counts(outs)):
-        if bad_out == 0:
+        if bad_out == 0 and job.traits.sparsify is None:
             continue
         inputs = ([("base", job.base)] if job.base is not None else []) + [
             (f"model {i}", x) for i, x in enumerate(job.xs)
@@ -152,6 +157,8 @@ def _check_finite(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor]) -> Non
                 raise NonFiniteError(
                     f"tensor {job.name!r}: {label} has {bad} NaN/Inf value(s) out of {tensor.numel()}"
                 )
+        if bad_out == 0:
+            continue
         raise NonFiniteError(
             f"tensor {job.name!r}: the {job.method} merge produced NaN/Inf from finite inputs "
             f"({bad_out} value(s)); check its parameters"

@@ -26,6 +26,7 @@ import torch
 
 from mergecore.budget import ByteBudget
 from mergecore.dtypes import parse_dtype
+from mergecore.errors import NonFiniteError
 from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
 from mergecore.lora.inputs import PlanAdapters, apply_updates, updates_to
 from mergecore.ops import make_job, merge_many
@@ -200,7 +201,7 @@ class MergePipeline:
         gp = planned.global_params or {}
         ip = planned.input_params or {}
         method = planned.method
-        base_index = planned.base_index if method not in ("linear", "passthrough") else None
+        base_index = _base_position(planned)
         base = inputs[base_index] if base_index is not None else None
         others = [k for k in range(len(inputs)) if k != base_index]
         xs = [inputs[k] for k in others]
@@ -241,7 +242,11 @@ class MergePipeline:
                 jobs.append(self._job(item))
                 job_items.append(k)
         if jobs:
-            for k, out in zip(job_items, merge_many(jobs)):
+            try:
+                outs = merge_many(jobs)
+            except NonFiniteError as exc:
+                raise _locate_non_finite(exc, [items[k] for k in job_items]) from None
+            for k, out in zip(job_items, outs):
                 results[k] = join_tail(out, tails[k])
         for k, item in enumerate(items):
             out = results[k]
@@ -324,3 +329,30 @@ def _numel(item) -> int:
     for s in item.planned.shape:
         n *= s
     return n
+
+
+def _base_position(planned) -> int | None:
+    """Position of the base among ``planned.inputs`` for the methods that take one."""
+    return planned.base_index if planned.method not in ("linear", "passthrough") else None
+
+
+def _locate_non_finite(exc: NonFiniteError, items: list[_Item]) -> NonFiniteError:
+    """``exc`` with the input that holds NaN/Inf named by model and file (``ops`` only knows
+    its position: ``base`` or ``model i``, i counting the inputs other than the base)."""
+    text = str(exc)
+    for item in items:
+        planned = item.planned
+        if not text.startswith(f"tensor {planned.name!r}: "):
+            continue
+        label = text[len(f"tensor {planned.name!r}: "):].split(" has ", 1)[0]
+        base = _base_position(planned)
+        others = [k for k in range(len(planned.inputs)) if k != base]
+        if label == "base" and base is not None:
+            inp = planned.inputs[base]
+        elif label.startswith("model ") and label[6:].isdigit() and int(label[6:]) < len(others):
+            inp = planned.inputs[others[int(label[6:])]]
+        else:
+            return exc
+        return NonFiniteError(f"{text} (input {inp.model!r}, file {str(inp.info.file)!r}, "
+                              f"tensor {inp.info.name!r})")
+    return exc

@@ -17,3 +17,28 @@ def _seeded():
     """Every test draws fresh, but reproducible, random inputs."""
     torch.manual_seed(int.from_bytes(os.urandom(2), "little") if os.environ.get("MERGECORE_TEST_RANDOM") else 1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def small_family(tmp_path_factory):
+    """A base and two fine-tunes (llama, hidden 64, 4 layers, bf16), generated once per session
+    (reliability tests share it: generating takes seconds)."""
+    from mergecore.synthetic import make_family
+
+    root = tmp_path_factory.mktemp("small_family")
+    return [str(p) for p in make_family(root, n_models=3, hidden=64, layers=4)]
+
+
+@pytest.fixture(scope="module")
+def keep_thread_settings():
+    """Restore MERGECORE_NUM_THREADS and the CPU kernels' thread count after the module
+    (``mergecore merge -j N`` run in-process changes both)."""
+    from mergecore.backends import cpu
+
+    env, threads = os.environ.get("MERGECORE_NUM_THREADS"), cpu.get_num_threads()
+    yield
+    if env is None:
+        os.environ.pop("MERGECORE_NUM_THREADS", None)
+    else:
+        os.environ["MERGECORE_NUM_THREADS"] = env
+    cpu.set_num_threads(threads)

@@ -108,6 +108,22 @@ def test_nan_input_is_a_clear_error():
         mergecore.task_arithmetic(base, xs, [1, 1, 1], name="layers.3.w")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_nan_input_of_a_sparsifying_merge_is_an_error_even_when_the_output_is_finite(
+        method, backend, monkeypatch):
+    """A NaN delta entry has the largest magnitude key: breadcrumbs trims it, TIES keeps it
+    but it never agrees with the elected sign, DARE may drop it; the merge alone would hide it."""
+    monkeypatch.setenv("MERGECORE_BACKEND", backend)
+    base, xs = family()
+    xs[1] = xs[1].clone()
+    xs[1].view(-1)[7] = float("nan")
+    params = {"densities": 0.5, "seed": 1} if method == "dare_ties" else {"densities": 0.5}
+    job = mergecore.make_job(method, base, xs, weights=[1, 1, 1], name="layers.3.w", **params)
+    with pytest.raises(NonFiniteError, match=r"'layers.3.w'.*model 1 has 1 NaN"):
+        mergecore.merge_many([job])
+
+
 def test_linear_zero_weight_sum_with_normalize_is_an_error():
     _, xs = family()
     with pytest.raises(MergeError, match="weight sum"):

@@ -231,6 +231,10 @@ class ShardWriter:
     def is_open(self) -> bool:
         return self._fd is not None
 
+    def fileno(self) -> int | None:
+        """The descriptor of the open temporary file (None when not open)."""
+        return self._fd
+
     def pwrite(self, offset: int, mv: memoryview, name: str) -> None:
         """Write all of ``mv`` at ``offset`` (retrying short writes); hash it if in order."""
         fd = self._fd
@@ -319,12 +323,21 @@ class StreamingWriter:
     ``metadata`` is each shard's safetensors ``__metadata__`` (default ``{"format": "pt"}``);
     ``index_metadata`` goes into the index's ``metadata`` next to ``total_size``.
     ``check_space``: fail up front with ENOSPC when the file system lacks room for the plan.
+    ``manifest_extra``: more keys for the manifest (``mergecore.resume`` records the plan's
+    fingerprint there). ``completed``: ``{shard filename: sha256}`` of shards already in
+    place and verified by the caller (a resumed merge): they count as written and are not
+    touched. ``suspend()`` stops like ``abort()`` but keeps completed shards and the manifest;
+    ``keep_complete_on_os_error``: an OS error suspends instead of aborting (so that a merge
+    stopped by a full disk can be resumed).
     """
 
     def __init__(self, out_dir: str | os.PathLike, plan: ShardPlan,
                  metadata: dict[str, str] | None = None, *, fsync: bool = True,
                  checksum: bool = True, manifest: bool = True, check_space: bool = True,
-                 index_metadata: dict[str, Any] | None = None):
+                 index_metadata: dict[str, Any] | None = None,
+                 manifest_extra: dict[str, Any] | None = None,
+                 completed: dict[str, str | None] | None = None,
+                 keep_complete_on_os_error: bool = False):
         self.out_dir = Path(out_dir)
         self.plan = plan
         self.metadata = dict(DEFAULT_METADATA if metadata is None else metadata)
@@ -335,6 +348,8 @@ class StreamingWriter:
 
             index_metadata = {"mergecore_version": __version__}
         self.index_metadata = index_metadata
+        self.manifest_extra = dict(manifest_extra or {})
+        self.keep_complete_on_os_error = keep_complete_on_os_error
         self._lock = threading.Lock()
         self._manifest_lock = threading.Lock()
         self._slots: dict[str, tuple[ShardWriter, int, int, str, tuple[int, ...]]] = {}
@@ -358,6 +373,12 @@ class StreamingWriter:
             for name, dtype, shape in spec.entries:
                 off, n = tensors[name]
                 self._slots[name] = (shard, off, n, dtype, shape)
+            if completed is not None and spec.filename in completed:
+                shard.done, shard.sha256 = True, completed[spec.filename]
+                self._remaining[-1] = 0
+                names = [name for name, _, _ in spec.entries]
+                self._claimed.update(names)
+                self._written.update(names)
 
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -391,6 +412,7 @@ class StreamingWriter:
             doc = {
                 "format": "mergecore-manifest",
                 "version": 1,
+                **self.manifest_extra,
                 "complete": all(s.done for s in self.shards),
                 "index": self.plan.index_filename,
                 "shards": [
@@ -428,7 +450,7 @@ class StreamingWriter:
                 continue
             exc = fut.exception()
             if exc is not None:
-                self.abort()
+                self._stop_after_error(exc)
                 raise exc
 
     def wait(self) -> None:
@@ -462,8 +484,8 @@ class StreamingWriter:
                     raise
         try:
             shard.pwrite(offset, mv, name)
-        except OutputFileError:
-            self.abort()
+        except OutputFileError as exc:
+            self._stop_after_error(exc)
             raise
         k = self.plan.shard_index(name)
         with self._lock:
@@ -488,8 +510,8 @@ class StreamingWriter:
         with self._lock:
             if self._state == "finalized":
                 return self._final_files()
-            if self._state == "aborted":
-                raise TensorWriteError("cannot finalize: the writer was aborted")
+            if self._state in ("aborted", "suspended"):
+                raise TensorWriteError(f"cannot finalize: the writer was {self._state}")
             missing = [n for n in self._slots if n not in self._written]
             if missing:
                 shown = ", ".join(repr(n) for n in missing[:8])
@@ -503,10 +525,10 @@ class StreamingWriter:
             try:
                 _atomic_write_bytes(self.out_dir / self.plan.index_filename, text.encode(),
                                     self.fsync)
-            except OutputFileError:
+            except OutputFileError as exc:
                 with self._lock:
                     self._state = "open"
-                self.abort()
+                self._stop_after_error(exc)
                 raise
             self._index_written = True
         self._shutdown_finisher()
@@ -544,6 +566,30 @@ class StreamingWriter:
                     p.unlink()
                 except FileNotFoundError:
                     pass
+
+    def _stop_after_error(self, exc: BaseException) -> None:
+        if self.keep_complete_on_os_error and isinstance(exc, OSError):
+            self.suspend()
+        else:
+            self.abort()
+
+    def suspend(self) -> None:
+        """Stop after an interruption, keeping what is complete: shards already handed to the
+        finisher are completed, temporary files of the others are deleted, and the manifest
+        (which lists the completed shards and their checksums) stays for a resumed run.
+        No-op after ``finalize()`` or ``abort()``."""
+        with self._lock:
+            if self._state in ("finalized", "aborted", "suspended"):
+                return
+            self._state = "suspended"
+        self._shutdown_finisher()
+        for shard in self.shards:
+            if not shard.done:
+                shard.discard()
+        try:
+            self._write_manifest()
+        except OutputFileError:
+            pass  # the previous manifest still lists only shards that were complete
 
     def __enter__(self) -> Self:
         return self

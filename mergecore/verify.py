@@ -1,0 +1,213 @@
+"""``mergecore verify OUT_DIR``: does a merged output hold together?
+
+Checks, each reported as one line:
+
+- no temporary ``.*.partial`` files are left (an unfinished or interrupted run);
+- the weights: ``model.safetensors.index.json`` parses, every file it names exists, every
+  shard's header parses (``read_header``: valid JSON, known dtypes, sizes = shape x dtype,
+  offsets inside the file, no overlaps), every tensor of the weight map is in the shard the
+  map names and every tensor of a shard is in the map, and ``metadata.total_size`` is the
+  sum of the tensors' sizes; without an index, ``model.safetensors`` alone;
+- the manifest (when the output was written by mergecore): it lists the same shard files,
+  marks them all complete, and each file's size and sha256 equal the recorded ones;
+- ``config.json`` is read by ``transformers.AutoConfig`` (when transformers is not
+  installed: it is valid JSON with a ``model_type``, and a note says it was not loaded).
+
+An output written by mergekit (no manifest) is checked for everything but the checksums.
+``VerifyReport.ok`` is False when any check failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergecore.io.errors import SafetensorsError
+from mergecore.io.safetensors_format import read_header
+from mergecore.io.writer import MANIFEST_NAME
+from mergecore.resume import ResumeError, file_sha256, read_manifest
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass
+class VerifyReport:
+    """The result of ``verify_output``: ``(passed, message)`` lines in check order."""
+
+    out_dir: Path
+    lines: list[tuple[str, str]] = field(default_factory=list)
+
+    def passed(self, message: str) -> None:
+        self.lines.append(("ok", message))
+
+    def failed(self, message: str) -> None:
+        self.lines.append(("FAIL", message))
+
+    def note(self, message: str) -> None:
+        self.lines.append(("note", message))
+
+    @property
+    def ok(self) -> bool:
+        return not any(kind == "FAIL" for kind, _ in self.lines)
+
+    @property
+    def problems(self) -> list[str]:
+        return [m for kind, m in self.lines if kind == "FAIL"]
+
+    def text(self, quiet: bool = False) -> str:
+        shown = [(k, m) for k, m in self.lines if not quiet or k == "FAIL"]
+        body = [f"{k:>4}  {m}" for k, m in shown]
+        verdict = (f"{str(self.out_dir)!r}: OK" if self.ok else
+                   f"{str(self.out_dir)!r}: {len(self.problems)} problem(s)")
+        return "\n".join(body + [verdict])
+
+
+def _check_weights(out_dir: Path, report: VerifyReport) -> list[str]:
+    """Index and shard headers; returns the shard file names in use."""
+    index_path = out_dir / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError("weight_map is not a mapping of names to file names")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            report.failed(f"{INDEX_NAME}: unreadable ({type(exc).__name__}: {exc})")
+            return []
+        files = sorted(set(weight_map.values()))
+        metadata = index.get("metadata")
+        total_size = metadata.get("total_size") if isinstance(metadata, dict) else None
+    elif (out_dir / SINGLE_NAME).is_file():
+        weight_map, files, total_size = None, [SINGLE_NAME], None
+    else:
+        report.failed(f"no weights: neither {INDEX_NAME} nor {SINGLE_NAME} exists")
+        return []
+    data_bytes = 0
+    tensors_seen = 0
+    for name in files:
+        path = out_dir / name
+        if os.sep in name or name.startswith(".") or not path.is_file():
+            report.failed(f"{name}: named by {INDEX_NAME} but not a file in the directory")
+            continue
+        try:
+            infos, _ = read_header(path)
+        except (SafetensorsError, OSError) as exc:
+            report.failed(f"{name}: bad safetensors header: {exc}")
+            continue
+        tensors_seen += len(infos)
+        data_bytes += sum(i.nbytes for i in infos.values())
+        if weight_map is not None:
+            listed = {t for t, f in weight_map.items() if f == name}
+            missing = sorted(listed - set(infos))
+            unlisted = sorted(set(infos) - listed)
+            if missing:
+                report.failed(f"{name}: {len(missing)} tensor(s) of the index are not in it, "
+                              f"e.g. {missing[0]!r}")
+            if unlisted:
+                report.failed(f"{name}: {len(unlisted)} tensor(s) in it are not in the index "
+                              f"(or the index names another file), e.g. {unlisted[0]!r}")
+            if missing or unlisted:
+                continue
+        report.passed(f"{name}: header valid, {len(infos)} tensors")
+    if total_size is not None and total_size != data_bytes:
+        report.failed(f"{INDEX_NAME}: metadata.total_size is {total_size}, the shards hold "
+                      f"{data_bytes} bytes of tensor data")
+    elif weight_map is not None:
+        report.passed(f"{INDEX_NAME}: {len(weight_map)} tensors in {len(files)} shards")
+    return files
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def _check_manifest(out_dir: Path, files: list[str], report: VerifyReport,
+                    checksums: bool) -> None:
+    try:
+        doc = read_manifest(out_dir)
+    except ResumeError as exc:
+        report.failed(str(exc))
+        return
+    if doc is None:
+        report.note(f"no {MANIFEST_NAME} (not written by mergecore): checksums not checked")
+        return
+    entries = {e["file"]: e for e in doc["shards"]
+               if isinstance(e, dict) and isinstance(e.get("file"), str)}
+    if set(entries) != set(files):
+        report.failed(f"{MANIFEST_NAME} lists shards {sorted(map(str, entries))}, the "
+                      f"weights use {files}")
+    for name in sorted(set(entries) & set(files)):
+        entry = entries[name]
+        path = out_dir / name
+        if not entry.get("done"):
+            report.failed(f"{name}: the manifest does not record it as complete")
+            continue
+        if not path.is_file():
+            continue  # reported by the weights check
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            report.failed(f"{name}: {size} bytes, the manifest records {entry.get('bytes')}")
+            continue
+        if not checksums:
+            continue
+        if entry.get("sha256") is None:
+            report.note(f"{name}: no checksum recorded")
+        elif _sha256_or_none(path) != entry["sha256"]:
+            report.failed(f"{name}: sha256 differs from the manifest (the file was changed "
+                          "or corrupted)")
+        else:
+            report.passed(f"{name}: sha256 matches the manifest")
+
+
+def _check_config(out_dir: Path, report: VerifyReport) -> None:
+    if not (out_dir / "config.json").is_file():
+        report.failed("config.json is missing")
+        return
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        try:
+            doc = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            report.failed(f"config.json: not valid JSON ({exc})")
+            return
+        if not isinstance(doc, dict) or not isinstance(doc.get("model_type"), str):
+            report.failed("config.json: no model_type")
+            return
+        report.note("config.json: valid JSON with a model_type; transformers is not installed, "
+                    "so it was not loaded")
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(out_dir))
+    except Exception as exc:  # noqa: BLE001 - any failure of transformers is the finding
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        report.failed(f"config.json: transformers cannot read it ({type(exc).__name__}: "
+                      f"{first})")
+        return
+    report.passed(f"config.json: read by transformers ({type(config).__name__})")
+
+
+def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True) -> VerifyReport:
+    """Check a merged model directory (see the module docstring); never raises for a
+    problem in the output, reports it."""
+    out_dir = Path(out_dir)
+    report = VerifyReport(out_dir)
+    if not out_dir.is_dir():
+        report.failed("not a directory")
+        return report
+    leftovers = sorted(p.name for p in out_dir.glob(".*.partial"))
+    if leftovers:
+        report.failed(f"temporary files of an unfinished merge are present: "
+                      f"{', '.join(leftovers)} (finish it with mergecore merge ... --resume)")
+    files = _check_weights(out_dir, report)
+    if files:
+        _check_manifest(out_dir, files, report, checksums)
+    _check_config(out_dir, report)
+    return report

@@ -1,0 +1,264 @@
+"""Bad input gets a clear error naming the file, tensor or key, and leaves no output.
+
+Covers what is checked before any tensor data is read (config, output directory, free disk
+space, all problems at once), inputs that are truncated or corrupted (before the merge and
+while it runs), NaN/Inf, and that the bytes written do not depend on threads or batching.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mergecore.cli import main
+from mergecore.config import load_merge
+from mergecore.io import SafetensorsError, StreamingWriter, TensorReader, plan_shards
+from mergecore.io.safetensors_format import read_header
+from mergecore.merge import MergeOptions, run_plan
+from mergecore.pipeline import MergePipeline, PipelineOptions
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("keep_thread_settings")
+
+
+def _ties(base: str, ft1: str, ft2: str, **global_params) -> dict:
+    cfg = {"merge_method": "ties", "base_model": base,
+           "models": [{"model": ft1, "parameters": {"weight": 1.0, "density": 0.5}},
+                      {"model": ft2, "parameters": {"weight": 0.5, "density": 0.5}}]}
+    if global_params:
+        cfg["parameters"] = global_params
+    return cfg
+
+
+def _write(path: Path, cfg: dict | str) -> Path:
+    path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    return path
+
+
+def _copy_model(src: str, dst: Path) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+# ----- checked before any tensor data is read --------------------------------------------------
+
+
+def test_config_and_output_problems_are_listed_together(tmp_path, small_family, capsys):
+    base, ft1, _ = small_family
+    cfg = _write(tmp_path / "c.yml", {"merge_method": "ties", "base_model": base,
+                                      "models": [{"model": ft1},
+                                                 {"model": str(tmp_path / "nope")}],
+                                      "paramters": {}})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["merge", str(cfg), str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "nope" in err and "paramters" in err and "is not empty" in err
+    assert _files(out) == {"keep.txt": b"mine"}
+
+
+def test_output_holding_an_input_is_refused_even_with_overwrite(tmp_path, small_family, capsys):
+    base, ft1, ft2 = small_family
+    parent = tmp_path / "models"
+    parent.mkdir()
+    own_base = _copy_model(base, parent / "base")
+    before = _files(Path(own_base))
+    cfg = _write(tmp_path / "c.yml", _ties(own_base, ft1, ft2))
+    for out in (parent, Path(own_base)):
+        assert main(["merge", str(cfg), str(out), "--quiet", "--overwrite"]) == 1
+        assert "holds the input model" in capsys.readouterr().err
+    assert _files(Path(own_base)) == before
+
+
+def test_dry_run_prints_the_plan_and_reports_output_problems(tmp_path, small_family, capsys):
+    cfg = _write(tmp_path / "c.yml", _ties(*small_family))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["merge", str(cfg), str(out), "--dry-run"]) == 1
+    captured = capsys.readouterr()
+    assert "output tensors: 39" in captured.out and "is not empty" in captured.err
+    assert main(["merge", str(cfg), str(out), "--dry-run", "--overwrite"]) == 0
+    assert _files(out) == {"keep.txt": b"mine"}
+
+
+def test_output_path_that_is_a_file(tmp_path, small_family, capsys):
+    cfg = _write(tmp_path / "c.yml", _ties(*small_family))
+    (tmp_path / "out").write_text("x")
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+_SMALL_DISK = """
+mount -t tmpfs -o size=256k tmpfs "$MNT" || exit 77
+"$PY" -m mergecore merge "$CFG" "$MNT/out" --quiet
+echo "RC=$?"
+ls -A "$MNT"
+"""
+
+
+def test_not_enough_disk_space_is_found_before_reading(tmp_path, small_family):
+    """A real 256 KiB tmpfs (private mount namespace; root only) for a ~420 KB output."""
+    cfg = _write(tmp_path / "c.yml", _ties(*small_family))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = dict(os.environ, MNT=str(mnt), PY=sys.executable, CFG=str(cfg),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", _SMALL_DISK], env=env, text=True,
+                              capture_output=True, check=False, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if proc.returncode == 77 or proc.stderr.startswith("unshare"):
+        pytest.skip(f"cannot mount a private tmpfs here: {proc.stderr.strip()[:200]}")
+    assert "RC=1" in proc.stdout, proc.stderr
+    assert "not enough free space for the output" in proc.stderr
+    assert "are free" in proc.stderr and "bytes" in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "RC=1"  # nothing was created in the mount
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("merge_method: ties\nmodels: [ {model: a\n", "yaml"),
+    ({"merge_method": "tiez"}, "tiez"),
+    ({"merge_method": "ties", "parameters": {"lambda": "x"}}, "parameters.lambda"),
+    ({"merge_method": "ties", "slices": [{"sources": [{"model": "BASE",
+                                                       "layer_range": [0, 99]}]}]},
+     "layer_range"),
+])
+def test_malformed_configs_are_named_and_write_nothing(tmp_path, small_family, capsys, text,
+                                                      expected):
+    base, ft1, ft2 = small_family
+    if isinstance(text, dict):
+        cfg = dict(text)
+        if "slices" not in cfg:
+            cfg.update(base_model=base, models=[{"model": ft1, "parameters": {"weight": 1.0}},
+                                                {"model": ft2, "parameters": {"weight": 1.0}}])
+        else:
+            cfg["slices"][0]["sources"][0]["model"] = base
+            cfg["base_model"] = base
+        text = yaml.safe_dump(cfg)
+    path = _write(tmp_path / "c.yml", text)
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert expected in err.lower() and str(path) in err
+    assert not (tmp_path / "out").exists()
+
+
+# ----- truncated and corrupted inputs ------------------------------------------------------------
+
+
+def test_truncated_input_is_named_before_the_merge(tmp_path, small_family, capsys):
+    base, ft1, ft2 = small_family
+    broken = _copy_model(ft1, tmp_path / "ft1")
+    weights = Path(broken) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    cfg = _write(tmp_path / "c.yml", _ties(base, broken, ft2))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert str(weights) in err
+    assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(0.0, 0.999), which=st.sampled_from(["base", "ft1"]))
+def test_input_truncated_during_the_merge_is_named(small_family, fraction, which):
+    """The file is cut after the plan was made (a short read while merging): the error
+    names file and tensor, and every file of the output is removed."""
+    base, ft1, ft2 = small_family
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        own = {"base": base, "ft1": ft1}
+        own[which] = _copy_model(own[which], tmp / which)
+        plan = load_merge(_write(tmp / "c.yml", _ties(own["base"], own["ft1"], ft2)))
+        weights = Path(own[which]) / "model.safetensors"
+        infos, _ = read_header(weights)
+        first = min(i.data_start for i in infos.values())
+        cut = first + int(fraction * (weights.stat().st_size - first))
+        os.truncate(weights, cut)
+        hit = [i.name for i in infos.values() if i.data_start + i.nbytes > cut]
+        out = tmp / "out"
+        out.mkdir()
+        with pytest.raises(SafetensorsError) as err:
+            run_plan(plan, out, MergeOptions(quiet=True, out_shard_size=100_000))
+        message = str(err.value)
+        assert str(weights) in message and "truncated" in message
+        assert any(repr(name) in message for name in hit)
+        assert list(out.iterdir()) == []
+
+
+def test_corrupted_input_bytes_are_named(tmp_path, small_family, capsys):
+    """Bytes overwritten with 0xFF (bf16 NaN) inside one tensor of a fine-tune, merged by
+    task arithmetic (the NaN reaches the output, which is checked)."""
+    base, ft1, ft2 = small_family
+    broken = _copy_model(ft1, tmp_path / "ft1")
+    weights = Path(broken) / "model.safetensors"
+    info = read_header(weights)[0]["model.layers.1.self_attn.k_proj.weight"]
+    with open(weights, "r+b") as fh:
+        fh.seek(info.data_start + 64)
+        fh.write(b"\xff" * 32)
+    cfg = _write(tmp_path / "c.yml", {
+        "merge_method": "task_arithmetic", "base_model": base,
+        "models": [{"model": broken, "parameters": {"weight": 1.0}},
+                   {"model": ft2, "parameters": {"weight": 0.5}}]})
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "model.layers.1.self_attn.k_proj.weight" in err and "16 NaN/Inf" in err
+    assert str(weights) in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_non_finite_result_from_finite_inputs_is_named(tmp_path, small_family, capsys):
+    base, ft1, ft2 = small_family
+    cfg = {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+           "parameters": {"lambda": 1.0e39},
+           "models": [{"model": ft1, "parameters": {"weight": 1.0}},
+                      {"model": ft2, "parameters": {"weight": 0.5}}]}
+    path = _write(tmp_path / "c.yml", cfg)
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "tensor 'model.embed_tokens.weight'" in err and "from finite inputs" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# ----- determinism -------------------------------------------------------------------------------
+
+
+def test_output_bytes_do_not_depend_on_threads_or_batching(tmp_path, small_family):
+    base, ft1, ft2 = small_family
+    cfg = {"merge_method": "dare_ties", "base_model": base,
+           "models": [{"model": ft1, "parameters": {"weight": 1.0, "density": 0.4}},
+                      {"model": ft2, "parameters": {"weight": 0.7, "density": 0.6}}]}
+    path = _write(tmp_path / "c.yml", cfg)
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"j{threads}" / "out"
+        assert main(["merge", str(path), str(out), "--quiet", "-j", threads,
+                     "--out-shard-size", "150K", "--random-seed", "5"]) == 0
+        outs.append(_files(out))
+    assert outs[0] == outs[1]
+    # one tensor per kernel call instead of batches of up to 64, with a tight memory budget
+    plan = load_merge(path)
+    entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors]
+    shards = plan_shards(entries, 150_000)
+    unbatched = tmp_path / "unbatched"
+    with TensorReader() as reader:
+        writer = StreamingWriter(unbatched, shards)
+        MergePipeline(plan, reader, writer, PipelineOptions(
+            random_seed=5, batch_tensors=1, max_memory=1 << 20)).run()
+        writer.finalize()
+    for spec in shards.shards:
+        assert (unbatched / spec.filename).read_bytes() == outs[0][spec.filename]

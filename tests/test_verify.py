@@ -1,0 +1,158 @@
+"""`mergecore verify OUT_DIR`: a real merged output passes; each kind of damage is found."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mergecore.cli import main
+from mergecore.io.writer import MANIFEST_NAME, plan_shards
+from mergecore.resume import ResumeError, check_resume
+from mergecore.verify import verify_output
+
+INDEX = "model.safetensors.index.json"
+SHARD2 = "model-00002-of-00003.safetensors"
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, small_family):
+    root = tmp_path_factory.mktemp("verify")
+    base, ft1, ft2 = small_family
+    cfg = {"merge_method": "ties", "base_model": base,
+           "models": [{"model": ft1, "parameters": {"weight": 1.0, "density": 0.5}},
+                      {"model": ft2, "parameters": {"weight": 0.5, "density": 0.5}}]}
+    (root / "c.yml").write_text(yaml.safe_dump(cfg))
+    out = root / "out"
+    assert main(["merge", str(root / "c.yml"), str(out), "--quiet",
+                 "--out-shard-size", "160K"]) == 0
+    assert (out / SHARD2).is_file() and not (out / "model-00001-of-00004.safetensors").exists()
+    return out
+
+
+@pytest.fixture
+def copy(merged, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(merged, out)
+    return out
+
+
+def test_a_merged_output_verifies(merged, capsys):
+    assert main(["verify", str(merged)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("sha256 matches the manifest") == 3
+    assert "read by transformers (LlamaConfig)" in text and text.rstrip().endswith(": OK")
+
+
+def test_a_changed_byte_fails_the_checksum(copy, capsys):
+    data = bytearray((copy / SHARD2).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / SHARD2).write_bytes(bytes(data))
+    assert main(["verify", str(copy), "-q"]) == 1
+    text = capsys.readouterr().out
+    assert f"FAIL  {SHARD2}: sha256 differs from the manifest" in text
+    assert "1 problem(s)" in text
+    assert main(["verify", str(copy), "--no-checksums"]) == 0  # headers and index still hold
+
+
+def test_a_truncated_shard_fails_its_header_check(copy):
+    data = (copy / SHARD2).read_bytes()
+    (copy / SHARD2).write_bytes(data[:-100])
+    problems = verify_output(copy).problems
+    assert any(p.startswith(f"{SHARD2}: bad safetensors header") for p in problems)
+    assert any(p.startswith(f"{SHARD2}: ") and "bytes, the manifest records" in p
+               for p in problems)
+
+
+def test_index_errors_are_found(copy):
+    index = json.loads((copy / INDEX).read_text())
+    name = next(n for n, f in index["weight_map"].items() if f == SHARD2)
+    index["weight_map"][name] = "model-00001-of-00003.safetensors"
+    index["metadata"]["total_size"] += 1
+    (copy / INDEX).write_text(json.dumps(index))
+    problems = verify_output(copy).problems
+    assert any("not in it" in p and "model-00001" in p for p in problems)
+    assert any("not in the index" in p and SHARD2 in p for p in problems)
+    assert any("metadata.total_size" in p for p in problems)
+
+
+def test_missing_shard_and_leftover_temporary_file(copy):
+    (copy / SHARD2).rename(copy / f".{SHARD2}.partial")
+    problems = verify_output(copy).problems
+    assert any("temporary files of an unfinished merge" in p for p in problems)
+    assert any(p.startswith(f"{SHARD2}: named by") for p in problems)
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"model_type": "no-such-arch"}'])
+def test_config_json_must_load_in_transformers(copy, content):
+    if content is None:
+        (copy / "config.json").unlink()
+    else:
+        (copy / "config.json").write_text(content)
+    problems = verify_output(copy).problems
+    assert len(problems) == 1 and problems[0].startswith("config.json")
+
+
+def test_output_without_manifest_is_checked_without_checksums(copy, capsys):
+    (copy / MANIFEST_NAME).unlink()
+    assert main(["verify", str(copy)]) == 0
+    assert "checksums not checked" in capsys.readouterr().out
+
+
+def test_incomplete_manifest_and_missing_directory(copy, tmp_path):
+    doc = json.loads((copy / MANIFEST_NAME).read_text())
+    doc["shards"][0]["done"] = False
+    (copy / MANIFEST_NAME).write_text(json.dumps(doc))
+    assert verify_output(copy).problems == [
+        "model-00001-of-00003.safetensors: the manifest does not record it as complete"]
+    assert verify_output(tmp_path / "nothing").problems == ["not a directory"]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 1 << 40) | st.text(max_size=40)
+    | st.sampled_from([SHARD2, "model-00001-of-00003.safetensors", "../x", "done", "sha256"]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["file", "done", "bytes", "sha256", "shards", "format",
+                                       "weight_map", "metadata", "total_size",
+                                       "plan_fingerprint"]), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=_json, manifest=_json, shards=st.lists(_json, max_size=3))
+def test_damaged_index_and_manifest_are_reported_never_raised(merged, tmp_path_factory, index,
+                                                              manifest, shards):
+    """``verify_output`` reports any JSON in the index and the manifest; ``check_resume``
+    raises only ``ResumeError`` for it (or resumes nothing)."""
+    out = tmp_path_factory.mktemp("fuzz")
+    for name in ("model-00001-of-00003.safetensors", SHARD2, "config.json"):
+        (out / name).symlink_to(merged / name)
+    (out / INDEX).write_text(json.dumps(index))
+    if isinstance(manifest, dict):
+        manifest = {**manifest, "format": "mergecore-manifest", "shards": shards,
+                    "plan_fingerprint": "f"}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    report = verify_output(out, checksums=True)
+    assert not report.ok
+    plan = plan_shards([("a", "F32", (2,)), ("b", "F32", (2,))], 8)
+    try:
+        state = check_resume(out, plan, "f")
+    except ResumeError:
+        return
+    assert set(state.completed) <= {"model-00001-of-00002.safetensors"}
+
+
+def test_config_check_without_transformers(copy, monkeypatch):
+    """With transformers missing (import blocked), config.json is checked as JSON."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    report = verify_output(copy)
+    assert report.ok and any("transformers is not installed" in m for _, m in report.lines)
+    (copy / "config.json").write_text('{"hidden_size": 8}')
+    assert verify_output(copy).problems == ["config.json: no model_type"]
