@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine (the device tool), from the repository root, with .whl carried:
-#   bash bench/device_run.sh [tests] [kernels] [e2e]
+#   bash bench/device_run.sh [tests] [kernels] [e2e] [bench] [suite]
 # Installs the carried wheels (mergekit and what it needs), builds the C++ extension, then
 # runs the kernel benchmark on CUDA and the end-to-end 1B-family benchmark with --cuda, both
 # next to mergekit in the same run. Everything it prints and writes lands in $OUT.
@@ -33,5 +33,16 @@ for step in $steps; do
       python3 -m bench.e2e --device cuda --params 1b --methods ties,linear,slerp \
         --dir /tmp/mergecore-bench --max-memory 4GiB --results e2e-gpu.jsonl 2>&1 | tee "$OUT/e2e.txt"
       cp bench/results/e2e-gpu.jsonl "$OUT/" ;;
+    bench)
+      # `mergecore bench` on 70B-shaped layers: roofs (file, H2D/D2H/D2D), kernels, ties with
+      # --cuda next to mergekit --cuda, and the projection of the 80-layer merge (2 and 4 layers:
+      # ~31 GB of disk at the 4-layer step).
+      python3 -m mergecore bench /tmp/mergecore-bench --device cuda --shape llama-70b --layers 2 \
+        --project --vs mergekit --max-memory 8GiB --json "$OUT/bench-70b-cuda.json" 2>&1 \
+        | tee "$OUT/bench.txt" ;;  # the chart lands next to the JSON
+    suite)
+      python3 -m pytest -q -p no:cacheprovider bench/ --benchmark-only 2>&1 | tail -40 \
+        | tee "$OUT/suite.txt"
+      cp bench/results/kernels-suite.jsonl bench/results/e2e-suite.jsonl "$OUT/" ;;
   esac
 done

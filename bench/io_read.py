@@ -4,7 +4,7 @@
 
 Writes a checkpoint of LLM-like bf16 tensors with mergecore's StreamingWriter (timed too),
 then reads every tensor back, cold (the file's pages dropped from the page cache with
-POSIX_FADV_DONTNEED before each run; the resident fraction is shown when ``fincore`` exists)
+POSIX_FADV_DONTNEED before each run; the resident fraction, from ``mincore``, is shown)
 and warm (file fully cached). GB/s = tensor bytes / wall seconds, median of the repeats; every method touches each page of
 each tensor it returns (safe_open's tensors may be lazily mapped).
 """
@@ -12,10 +12,8 @@ each tensor it returns (safe_open's tensors may be lazily mapped).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ if __package__ in (None, ""):
 import safetensors
 import torch
 
+from mergecore.benchmark.roofs import drop_page_cache, resident_fraction
 from mergecore.io.checkpoint import open_checkpoint
 from mergecore.io.reader import TensorReader, native_pread
 from mergecore.io.writer import StreamingWriter, plan_shards
@@ -71,30 +70,9 @@ def touch(t: torch.Tensor) -> None:
         flat[::4096].sum()
 
 
-def drop_file_cache(files: list[Path]) -> None:
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def resident_fraction(files: list[Path]) -> str:
-    if shutil.which("fincore") is None:
-        return "?"
-    try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE",
-                              *map(str, files)], capture_output=True, text=True, timeout=30,
-                             check=True).stdout
-        res = size = 0
-        for line in out.splitlines():
-            r, s = line.split()
-            res, size = res + int(r), size + int(s)
-        return f"{100 * res / max(size, 1):.0f}%"
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return "?"
+def resident(files: list[Path]) -> str:
+    share = resident_fraction(files)
+    return "?" if share is None else f"{100 * share:.0f}%"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -159,8 +137,8 @@ def run(args: argparse.Namespace) -> None:
         for label, fn in methods:
             cold, res = [], []
             for _ in range(args.repeats):
-                drop_file_cache(files)
-                res.append(resident_fraction(files))
+                drop_page_cache(files)
+                res.append(resident(files))
                 t = time.perf_counter()
                 fn()
                 cold.append(time.perf_counter() - t)

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate small example models and merge them")
     demo.add_argument("dir", nargs="?", default=None, help="work directory (default: a temp dir)")
     demo.add_argument("-q", "--quiet", action="store_true")
+    from mergecore.benchmark.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     mergekit_yaml = sub.add_parser(
         "mergekit-yaml", add_help=False,
         help="run mergekit's own CLI with mergecore computing its methods (takes mergekit's flags)")
@@ -134,6 +137,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, quiet=args.quiet)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mergecore.benchmark.command import cmd_bench
+
+    return cmd_bench(args)
+
+
 def _cmd_mergekit_yaml(mergekit_args: Sequence[str]) -> int:
     from mergecore.integrations import MissingIntegrationError
 
@@ -155,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.INFO if getattr(args, "verbose", 0) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"merge": _cmd_merge, "verify": _cmd_verify, "demo": _cmd_demo}
+    handlers = {"merge": _cmd_merge, "verify": _cmd_verify, "demo": _cmd_demo,
+                "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as exc:

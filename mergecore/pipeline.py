@@ -31,6 +31,7 @@ from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
 from mergecore.lora.inputs import PlanAdapters, apply_updates, updates_to
 from mergecore.ops import make_job, merge_many
 from mergecore.plan import distinct_input_bytes
+from mergecore.transfer_timer import TransferTimer
 from mergecore.vocab_tail import join_tail, split_tail
 
 _DONE = object()
@@ -128,6 +129,8 @@ class MergePipeline:
         self._stop = threading.Event()
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._h2d = TransferTimer() if self._cuda else None
+        self._d2h = TransferTimer() if self._cuda else None
         self._adapters = PlanAdapters.for_plan(plan.tensors)
 
     # ----- stage 1: read ------------------------------------------------------------------
@@ -156,9 +159,13 @@ class MergePipeline:
                 self.stats.bytes_read += sum(u.nbytes for u in item.lora or () if u)
             if self._cuda:
                 with torch.cuda.stream(self._copy_stream):
+                    began = self._h2d.begin(self._copy_stream)
                     item.inputs = [t.to(self.device, non_blocking=True) for t in inputs]
                     if item.lora is not None:
                         item.lora = updates_to(item.lora, self.device, non_blocking=True)
+                    self._h2d.end(began, self._copy_stream,
+                                  sum(t.numel() * t.element_size() for t in inputs)
+                                  + sum(u.nbytes for u in item.lora or () if u))
                     item.ready = torch.cuda.Event()
                     item.ready.record(self._copy_stream)
             self.stats.read_busy += time.perf_counter() - start
@@ -172,9 +179,9 @@ class MergePipeline:
             if entry is _DONE:
                 return
             name, out, event, nbytes = entry
-            start = time.perf_counter()
-            if event is not None:
+            if event is not None:  # waiting for the GPU is not write time
                 event.synchronize()
+            start = time.perf_counter()
             self.writer.write(name, out)
             self.stats.bytes_written += out.numel() * out.element_size()
             self.stats.write_busy += time.perf_counter() - start
@@ -257,7 +264,10 @@ class MergePipeline:
                 event = None
                 if self._cuda:
                     host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    stream = torch.cuda.current_stream(self.device)
+                    began = self._d2h.begin(stream)
                     host.copy_(out, non_blocking=True)
+                    self._d2h.end(began, stream, host.numel() * host.element_size())
                     event = torch.cuda.Event()
                     event.record(torch.cuda.current_stream(self.device))
                     out = host
@@ -319,6 +329,9 @@ class MergePipeline:
                 raise err
         self.stats.wall = time.perf_counter() - start
         self.stats.peak_budget_bytes = self.budget.peak
+        if self._cuda:  # GPU-side copy times (the host clocks above only see launches)
+            self.stats.extra.update(h2d_busy=self._h2d.seconds(), h2d_bytes=self._h2d.bytes,
+                                    d2h_busy=self._d2h.seconds(), d2h_bytes=self._d2h.bytes)
         return self.stats
 
 

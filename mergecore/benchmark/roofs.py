@@ -1,0 +1,204 @@
+"""The machine's roofs, measured in the same run as the merges they bound.
+
+- ``memcpy``: a host copy of a large buffer; GB/s counts bytes read + bytes written, the
+  ceiling of a memory-bound CPU kernel that reads its inputs and writes its output once.
+- ``file write`` / ``file read``: a file of random bytes in the benchmark directory, written
+  and fsynced, then read twice with the reader mergecore's pipeline uses: once "cold" (its
+  pages dropped from the page cache with ``POSIX_FADV_DONTNEED`` first) and once "warm"
+  (just read, so cached). Before each read the share of its pages in the page cache is
+  measured with ``mincore``, which says whether the cache served the read: a cold read
+  with a high resident share means the kernel did not honour the drop.
+- CUDA: host-to-device from pinned memory, device-to-host into pinned memory (GB/s = bytes
+  moved / time) and a device-to-device copy (bytes read + written), timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergecore.benchmark.timing import run_timed
+
+_CHUNK = 64 << 20
+
+
+def memcpy_gbps(nbytes: int, device: str = "cpu") -> float:
+    """Copy bandwidth on ``device`` in GB/s (bytes read + bytes written), from the fastest of
+    the repeats: a roof is what the machine can do, and other work only ever slows a copy."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = min(run_timed(lambda: dst.copy_(src), device, repeats=9, warmup=2))
+    return 2 * nbytes / seconds / 1e9
+
+
+def drop_page_cache(paths: list[Path] | list[str]) -> None:
+    """Write back and drop the cached pages of ``paths`` (``POSIX_FADV_DONTNEED``)."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _libc() -> Any | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+def resident_fraction(paths: list[Path] | list[str]) -> float | None:
+    """Share of the pages of ``paths`` held in the page cache (``mincore``); None if unknown."""
+    try:
+        libc = _libc()
+    except OSError:
+        return None
+    if libc is None:
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident = total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                pages = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * pages)()
+                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                    return None
+                resident += sum(b & 1 for b in vec)
+                total += pages
+            finally:
+                libc.munmap(ctypes.c_void_p(addr), size)
+        finally:
+            os.close(fd)
+    return resident / total if total else None
+
+
+def _read_file(path: Path, buf: torch.Tensor) -> int:
+    """Read the whole file in ``_CHUNK`` pieces into ``buf`` with the pipeline's reader."""
+    from mergecore.io.reader import native_pread
+
+    native = native_pread()
+    view = memoryview(buf.numpy())
+    done = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            if native is not None:
+                got = native(fd, done, len(view), buf.data_ptr(), 4)
+            else:
+                got = os.preadv(fd, [view], done)
+            if got <= 0:
+                return done
+            done += got
+    finally:
+        os.close(fd)
+
+
+def file_roofs(directory: str | os.PathLike, nbytes: int) -> dict[str, Any]:
+    """Write, then read cold and warm, a file of ``nbytes`` random bytes in ``directory``.
+
+    Returns GB/s for each and the page-cache share found before each read.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".mergecore-bench-io.bin"
+    chunk = min(_CHUNK, nbytes)
+    block = torch.randint(0, 256, (chunk,), dtype=torch.uint8)
+    try:
+        start = time.perf_counter()
+        with open(path, "wb", buffering=0) as fh:
+            left = nbytes
+            view = memoryview(block.numpy())
+            while left > 0:
+                left -= fh.write(view[: min(left, chunk)])
+            os.fsync(fh.fileno())
+        write_s = time.perf_counter() - start
+        buf = torch.empty(chunk, dtype=torch.uint8)
+        drop_page_cache([path])
+        cold_cached = resident_fraction([path])
+        start = time.perf_counter()
+        got = _read_file(path, buf)
+        cold_s = time.perf_counter() - start
+        warm_cached = resident_fraction([path])
+        start = time.perf_counter()
+        _read_file(path, buf)
+        warm_s = time.perf_counter() - start
+        if got != nbytes:
+            raise OSError(f"read {got} of {nbytes} bytes back from {path}")
+    finally:
+        path.unlink(missing_ok=True)
+    return {
+        "file_bytes": nbytes,
+        "file_write_gbps": nbytes / write_s / 1e9,
+        "file_read_cold_gbps": nbytes / cold_s / 1e9,
+        "file_read_cold_cached_share": cold_cached,
+        "file_read_warm_gbps": nbytes / warm_s / 1e9,
+        "file_read_warm_cached_share": warm_cached,
+    }
+
+
+def _cuda_seconds(fn, device: torch.device, repeats: int = 10) -> float:
+    """Fastest of ``repeats`` runs of ``fn`` on the current stream, timed with CUDA events."""
+    fn()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return min(times)
+
+
+def cuda_roofs(nbytes: int, device: str = "cuda") -> dict[str, float]:
+    """H2D (pinned source), D2H (pinned destination) and D2D copy GB/s on ``device``."""
+    dev = torch.device(device)
+    with torch.cuda.device(dev):
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        host.fill_(1)
+        gpu = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        gpu2 = torch.empty_like(gpu)
+        h2d = _cuda_seconds(lambda: gpu.copy_(host, non_blocking=True), dev)
+        d2h = _cuda_seconds(lambda: host.copy_(gpu, non_blocking=True), dev)
+        d2d = _cuda_seconds(lambda: gpu2.copy_(gpu), dev)
+    return {"h2d_pinned_gbps": nbytes / h2d / 1e9, "d2h_pinned_gbps": nbytes / d2h / 1e9,
+            "d2d_copy_gbps": 2 * nbytes / d2d / 1e9}
+
+
+def measure_roofs(directory: str | os.PathLike, device: str, *, memcpy_bytes: int,
+                  file_bytes: int, cuda_bytes: int) -> dict[str, Any]:
+    """Every roof that applies to ``device``, as one flat dict of GB/s values."""
+    roofs: dict[str, Any] = {"memcpy_gbps": memcpy_gbps(memcpy_bytes, "cpu")}
+    roofs.update(file_roofs(directory, file_bytes))
+    if device.startswith("cuda"):
+        roofs.update(cuda_roofs(cuda_bytes, device))
+    return roofs

@@ -1,0 +1,168 @@
+"""`mergecore bench`: the quick run end to end, the projection, the up-front checks, and the
+pytest-benchmark suites in bench/ in their quick mode (their numbers are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergecore.benchmark import projection
+from mergecore.benchmark.shapes import model_bytes
+from mergecore.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _bench(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergecore", "bench", *args],
+                          capture_output=True, text=True, timeout=300, check=False, **kw)
+
+
+def test_quick_bench_vs_mergekit_writes_table_json_and_chart(tmp_path):
+    out = tmp_path / "r.json"
+    proc = _bench([str(tmp_path / "work"), "--quick", "--vs", "mergekit", "--json", str(out),
+                   "--kernel-methods", "linear,ties,dare_ties"])
+    assert proc.returncode == 0, proc.stderr
+    for heading in ("Roofs", "Kernels", "End to end: ties", "whole command"):
+        assert heading in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["meta"]["shape"] == "tiny" and result["meta"]["device"] == "cpu"
+    roofs = result["roofs"]
+    for key in ("memcpy_gbps", "file_write_gbps", "file_read_cold_gbps", "file_read_warm_gbps"):
+        assert _positive(roofs[key]), key
+    for key in ("file_read_cold_cached_share", "file_read_warm_cached_share"):
+        assert roofs[key] is None or 0.0 <= roofs[key] <= 1.0
+    rows = result["kernels"]
+    assert {(r["op"], r["impl"]) for r in rows} >= {
+        ("ties", "mergecore-cpu"), ("ties", "torch-eager"), ("ties", "mergekit"),
+        ("dare_ties", "mergecore-cpu")}
+    assert {r["tensor"] for r in rows} == {"mlp", "attn"}
+    for r in rows:
+        assert _positive(r["gbps"]) and _positive(r["roof_share"])
+        for key in ("speedup_vs_torch_eager", "speedup_vs_mergekit"):
+            if key in r:
+                assert _positive(r[key]), (r, key)
+    (run,) = result["e2e"]
+    assert list(run["stages"]) == ["read", "compute", "write"]
+    for st in run["stages"].values():
+        assert _positive(st["seconds"]) and _positive(st["bytes"]) and _positive(st["gbps"])
+        assert _positive(st["roof_gbps"])
+    assert run["input_bytes"] == run["stages"]["read"]["bytes"]
+    assert _positive(run["input_gbps"]) and run["bound_stage"] in run["stages"]
+    assert 0.0 <= run["overlap_share"] < 1.0
+    vs = run["vs_mergekit"]
+    assert _positive(vs["speedup_vs_mergekit"]) and _positive(vs["mergekit_seconds"])
+    assert _positive(vs["mergecore_peak_rss_bytes"])
+    if importlib.util.find_spec("matplotlib"):
+        assert Path(result["meta"]["chart"]).stat().st_size > 1000
+    # the generated family is removed (not --keep), the JSON stays
+    assert not list((tmp_path / "work").glob("family-*"))
+
+
+def test_projection_check_runs_two_depths(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["bench", str(tmp_path), "--quick", "--project", "--project-layers", "8",
+                 "--skip", "roofs,kernels", "--json", str(out), "--no-chart", "--quiet"]) == 0
+    assert "Projected full merge: 8 layers" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    small, large = result["e2e"]
+    assert (small["layers"], large["layers"]) == (2, 4)
+    assert large["input_bytes"] > small["input_bytes"]
+    chk = result["projection"]["check"]
+    assert math.isfinite(chk["wall_relative_error"])
+    assert chk["measured_wall_seconds"] == large["wall_seconds"]
+    full = result["projection"]["full"]
+    assert full["target_layers"] == 8 and full["from_layers"] == 4
+    assert full["bound_stage"] in large["stages"] and _positive(full["wall_seconds"])
+
+
+def _run(wall: float, read: float, compute: float, write: float, shape: str, layers: int) -> dict:
+    b = model_bytes(shape, layers)
+    stages = {"read": (read, 3 * b), "compute": (compute, 4 * b), "write": (write, b)}
+    return {"wall_seconds": wall, "input_bytes": 3 * b, "bound_stage": "read",
+            "stages": {n: {"seconds": t, "bytes": n_b, "gbps": n_b / t / 1e9}
+                       for n, (t, n_b) in stages.items()}}
+
+
+def test_projection_scales_stage_times_and_the_non_overlapped_time_not_fill_drain():
+    shape = "llama-70b"
+    run = _run(30.0, read=20.0, compute=12.0, write=6.0, shape=shape, layers=2)
+    got = projection.project(run, shape, 2, 80)
+    factor = model_bytes(shape, 80) / model_bytes(shape, 2)
+    assert got["bytes_factor"] == pytest.approx(factor)
+    assert got["stages"]["compute"]["seconds"] == pytest.approx(12.0 * factor)
+    assert got["bound_stage"] == "read"
+    # fill: read the 3 models' embeddings, merge them (3 in + 1 out); drain: merge the heads,
+    # write one head; each at the run's stage rate
+    b = model_bytes(shape, 2)
+    emb = 32000 * 8192 * 2
+    fill = 3 * emb / (3 * b / 20.0) + 4 * emb / (4 * b / 12.0)
+    drain = 4 * emb / (4 * b / 12.0) + emb / (b / 6.0)
+    assert got["fill_drain_seconds"] == pytest.approx(fill + drain)
+    rest = 30.0 - 20.0 - (fill + drain)
+    assert got["wall_seconds"] == pytest.approx(20.0 * factor + fill + drain + rest * factor)
+    # a run whose stages overlapped perfectly projects to its slowest stage + fill/drain
+    tight = _run(20.0 + fill + drain, read=20.0, compute=12.0, write=6.0, shape=shape, layers=2)
+    assert projection.project(tight, shape, 2, 80)["wall_seconds"] == pytest.approx(
+        20.0 * factor + fill + drain)
+    # the check of a run against its own projection has no error
+    large = dict(run, wall_seconds=projection.project(run, shape, 2, 4)["wall_seconds"])
+    chk = projection.check(run, large, shape, 2, 4)
+    assert chk["growth_relative_error"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_disk_need_is_checked_before_anything_is_written(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "w"), "--shape", "llama-70b", "--layers", "100000",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and str(tmp_path / "w") in err
+    assert not any((tmp_path / "w").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", str(tmp_path), "--quick", "--device", "cuda", "--quiet"]) == 1
+    assert "no CUDA device is available" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@requires_cuda
+def test_quick_bench_on_cuda_has_transfer_roofs_and_stage(tmp_path):
+    out = tmp_path / "c.json"
+    proc = _bench([str(tmp_path), "--quick", "--device", "cuda", "--json", str(out),
+                   "--kernel-methods", "ties"])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    for key in ("h2d_pinned_gbps", "d2h_pinned_gbps", "d2d_copy_gbps"):
+        assert _positive(result["roofs"][key])
+    stages = result["e2e"][0]["stages"]
+    assert list(stages) == ["read", "transfer", "compute", "write"]
+    assert _positive(stages["transfer"]["seconds"]) and _positive(stages["transfer"]["roof_gbps"])
+
+
+def test_benchmark_suites_run_in_quick_mode(tmp_path):
+    env = dict(os.environ, MERGECORE_BENCH_QUICK="1", MERGECORE_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-only", "-k", "ties"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for suite in ("kernels-suite", "e2e-suite"):
+        rows = [json.loads(line) for line in (tmp_path / f"{suite}.jsonl").read_text().splitlines()]
+        assert rows
+        for row in rows:
+            assert {"op", "backend", "shape", "dtype", "device", "commit", "date"} <= set(row)
+            assert _positive(row["seconds"]) and _positive(row["gbps"])
