@@ -24,6 +24,7 @@ from pathlib import Path
 from mergecore import faults, preflight
 from mergecore.config.errors import ConfigError
 from mergecore.dtypes import dtype_name
+from mergecore.heap import release_freed_memory_promptly
 from mergecore.interrupt import handle_termination, keeps_progress
 from mergecore.io import StreamingWriter, TensorReader, plan_shards, tokenizer_files
 from mergecore.io.types import SAFETENSORS_DTYPES
@@ -161,6 +162,7 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
 
     ``fingerprint`` is recorded in the manifest; ``resume`` names the verified shards of an
     interrupted run that are kept (their tensors are not merged again)."""
+    release_freed_memory_promptly()  # keeps the resident size near the --max-memory budget
     if options.num_threads:
         os.environ["MERGECORE_NUM_THREADS"] = str(options.num_threads)
         cpu_backend = sys.modules.get("mergecore.backends.cpu")
