@@ -78,6 +78,9 @@ def _check_weights(out_dir: Path, report: VerifyReport) -> list[str]:
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             report.failed(f"{INDEX_NAME}: unreadable ({type(exc).__name__}: {exc})")
             return []
+        if not weight_map:
+            report.failed(f"{INDEX_NAME}: weight_map lists no tensors")
+            return []
         files = sorted(set(weight_map.values()))
         metadata = index.get("metadata")
         total_size = metadata.get("total_size") if isinstance(metadata, dict) else None
