@@ -7,6 +7,7 @@ an installed package); this module adds what only the repository has: ``bench/re
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,16 @@ def append_results(filename: str, rows: list[dict[str, Any]]) -> Path:
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print(format_table(rows, columns))
+
+
+def bench_family(work: Path, params: str, layers: int | None, n_models: int = 3) -> Path:
+    """The generated bench family (base + ``n_models - 1`` fine-tunes) under ``work``, made on
+    the first call and reused while its last model is complete."""
+    from mergecore.synthetic import make_bench_family
+
+    fam = work / f"family{n_models}-{params}-{layers or 'all'}"
+    if not (fam / f"ft{n_models - 1}" / "config.json").exists():
+        t0 = time.perf_counter()
+        make_bench_family(fam, params=params, layers=layers, n_models=n_models)
+        print(f"generated the family in {time.perf_counter() - t0:.1f} s under {fam}")
+    return fam

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import append_results, device_name, git_commit, print_table
+from bench.common import append_results, bench_family, device_name, git_commit, print_table
 from mergecore.benchmark import e2e
 from mergecore.benchmark.roofs import drop_page_cache
 from mergecore.units import parse_size
@@ -58,14 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="e2e.jsonl")
     args = p.parse_args(argv)
 
-    from mergecore.synthetic import make_bench_family
-
     work = Path(args.dir or tempfile.mkdtemp(prefix="mergecore-bench-"))
-    fam = work / f"family-{args.params}-{args.layers or 'all'}"
-    if not (fam / "ft2" / "config.json").exists():
-        t0 = time.perf_counter()
-        make_bench_family(fam, params=args.params, layers=args.layers)
-        print(f"generated the family in {time.perf_counter() - t0:.1f} s under {fam}")
+    fam = bench_family(work, args.params, args.layers)
     dirs = [fam / n for n in e2e.MODEL_NAMES]
     out_root = work / "out"
     out_root.mkdir(exist_ok=True)

@@ -6,7 +6,7 @@ Part 1 (end to end): a LLaMA-shaped family (base + 2 fine-tunes, bf16, ``--param
 as in ``mergecore.synthetic.llama_tensor_specs``) is written to disk (``make_bench_family``);
 one TIES YAML runs through ``mergekit-yaml``, ``mergecore mergekit-yaml`` (mergekit's CLI with
 mergecore's methods) and ``mergecore merge`` (mergecore's own pipeline), each in its own
-process, timed with peak RSS (``bench.e2e.run_measured``), with the input pages dropped from
+process, timed with peak RSS (``mergecore.benchmark.e2e.run_command``), with the input pages dropped from
 the page cache before each run.
 
 Part 2 (in memory): a family of the same shape is built in memory on ``--device``; then
@@ -33,7 +33,9 @@ import torch
 import yaml
 
 from bench.common import append_results, device_name, git_commit, print_table, sync
-from bench.e2e import drop_cache, model_files, run_measured
+from mergecore.benchmark.e2e import run_command
+from mergecore.benchmark.e2e import weight_files as model_files
+from mergecore.benchmark.roofs import drop_page_cache as drop_cache
 
 TIES = {"weight": [1.0, 0.5], "density": [0.5, 0.3]}
 
@@ -137,7 +139,8 @@ def end_to_end(args, common: dict, work: Path) -> list[dict]:
         out = work / "out" / impl.replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
         drop_cache(inputs)
-        wall, rss, _ = run_measured([*cmd, str(cfg_path), str(out)], env=env)
+        run = run_command([*cmd, str(cfg_path), str(out)], env=env)
+        wall, rss = run["seconds"], run["peak_rss_bytes"]
         runs[impl] = (wall, rss, out)
         print(f"  {impl}: {wall:.1f} s, peak RSS {rss / 1e9:.2f} GB")
     rows = []

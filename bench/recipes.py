@@ -33,13 +33,14 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-from bench.common import append_results, device_name, git_commit, print_table
-from bench.e2e import drop_cache, model_files, run_measured
+from bench.common import append_results, bench_family, device_name, git_commit, print_table
+from mergecore.benchmark.e2e import run_command
+from mergecore.benchmark.e2e import weight_files as model_files
+from mergecore.benchmark.roofs import drop_page_cache as drop_cache
 
 T_COMP1 = [0.25, 0.3, 0.5]
 T_COMP2 = [0.4, 0.3, 0.25]
@@ -73,11 +74,12 @@ json.dump(stats.as_dict(), open(sys.argv[5], "w"))
 
 def run_mergecore(recipe: Path, out: Path, inputs: list[Path], device: str,
                   max_memory: int, work: Path) -> dict:
-    """The fused run in a child process: (wall, rss) from wait4, bytes from its stats."""
+    """The fused run in a child process: wall and peak RSS (VmHWM), bytes from its stats."""
     stats_file = work / "mergecore-stats.json"
     drop_cache(inputs)
-    wall, rss, _ = run_measured([sys.executable, "-c", _CHILD, str(recipe), str(out),
-                                 str(max_memory), device, str(stats_file)])
+    run = run_command([sys.executable, "-c", _CHILD, str(recipe), str(out),
+                       str(max_memory), device, str(stats_file)])
+    wall, rss = run["seconds"], run["peak_rss_bytes"]
     stats = json.loads(stats_file.read_text())
     return {"seconds": wall, "peak_rss_gb": rss / 1e9, "bytes_read": stats["bytes_read"],
             "bytes_written": stats["bytes_written"], "processes": 1}
@@ -97,8 +99,9 @@ def run_mergekit_stages(a: str, b: str, c: str, out_root: Path, device: str) -> 
         cfg.write_text(yaml.safe_dump(doc))
         shutil.rmtree(out, ignore_errors=True)
         drop_cache(model_files(inputs))
-        seconds, peak, _ = run_measured([sys.executable, "-m", "mergekit.scripts.run_yaml",
-                                         str(cfg), str(out), *dev_flags], env=env)
+        run = run_command([sys.executable, "-m", "mergekit.scripts.run_yaml",
+                           str(cfg), str(out), *dev_flags], env=env)
+        seconds, peak = run["seconds"], run["peak_rss_bytes"]
         wall += seconds
         rss = max(rss, peak)
         read += _files_bytes(inputs)
@@ -119,15 +122,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="recipes.jsonl")
     args = p.parse_args(argv)
 
-    from mergecore.synthetic import make_bench_family
     from mergecore.units import parse_size
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="mergecore-bench-"))
-    fam = work / f"family4-{args.params}-{args.layers or 'all'}"
-    if not (fam / "ft3" / "config.json").exists():
-        t0 = time.perf_counter()
-        make_bench_family(fam, params=args.params, layers=args.layers, n_models=4)
-        print(f"generated the family in {time.perf_counter() - t0:.1f} s under {fam}")
+    fam = bench_family(work, args.params, args.layers, n_models=4)
     a, b, c = (str(fam / n) for n in ("ft1", "ft2", "ft3"))
     out_root = work / "recipes-out"
     out_root.mkdir(exist_ok=True)
