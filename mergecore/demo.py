@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 LZLV = """\
@@ -139,9 +140,11 @@ def run_demo(directory: str | None = None, *, quiet: bool = False, layers: int =
     models = make_family(work / "models", arch="llama", n_models=7, hidden=hidden,
                          layers=layers, vocab=512)
     paths = {"base": str(models[0])} | {f"ft{i}": str(p) for i, p in enumerate(models[1:], 1)}
-    for k, targets in ((1, ("q_proj", "v_proj")), (2, ("q_proj", "k_proj", "down_proj"))):
-        paths[f"lora{k}"] = str(make_lora_adapter(models[0], work / "adapters" / f"lora{k}",
-                                                  target_modules=targets, seed=k))
+    with warnings.catch_warnings():  # transformers' deprecation notes, raised inside PEFT
+        warnings.simplefilter("ignore", FutureWarning)
+        for k, targets in ((1, ("q_proj", "v_proj")), (2, ("q_proj", "k_proj", "down_proj"))):
+            paths[f"lora{k}"] = str(make_lora_adapter(models[0], work / "adapters" / f"lora{k}",
+                                                      target_modules=targets, seed=k))
     say(f"generated a base, 6 fine-tunes ({layers} layers, hidden {hidden}, bf16) and 2 LoRA "
         f"adapters in {time.perf_counter() - start:.1f} s under {work}")
     rows = []
