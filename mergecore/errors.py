@@ -8,4 +8,14 @@ class MergeError(ValueError):
 
 
 class NonFiniteError(MergeError):
-    """An input (or a merge result from finite inputs) holds NaN or Inf."""
+    """An input (or a merge result from finite inputs) holds NaN or Inf.
+
+    ``tensor`` names the merged tensor; ``input_index`` is the position of the offending input
+    among the job's inputs (the base first when there is one), None when the merge itself
+    produced the NaN/Inf."""
+
+    def __init__(self, message: str, *, tensor: str | None = None,
+                 input_index: int | None = None):
+        super().__init__(message)
+        self.tensor = tensor
+        self.input_index = input_index

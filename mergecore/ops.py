@@ -152,17 +152,17 @@ def _check_finite(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor]) -> Non
         inputs = ([("base", job.base)] if job.base is not None else []) + [
             (f"model {i}", x) for i, x in enumerate(job.xs)
         ]
-        for (label, tensor), bad in zip(inputs, nonfinite_counts([t for _, t in inputs])):
+        for k, ((label, tensor), bad) in enumerate(
+                zip(inputs, nonfinite_counts([t for _, t in inputs]))):
             if bad:
                 raise NonFiniteError(
-                    f"tensor {job.name!r}: {label} has {bad} NaN/Inf value(s) out of {tensor.numel()}"
-                )
+                    f"tensor {job.name!r}: {label} has {bad} NaN/Inf value(s) out of {tensor.numel()}",
+                    tensor=job.name, input_index=k)
         if bad_out == 0:
             continue
         raise NonFiniteError(
             f"tensor {job.name!r}: the {job.method} merge produced NaN/Inf from finite inputs "
-            f"({bad_out} value(s)); check its parameters"
-        )
+            f"({bad_out} value(s)); check its parameters", tensor=job.name)
 
 
 def merge_many(

@@ -269,7 +269,7 @@ class MergePipeline:
                     host.copy_(out, non_blocking=True)
                     self._d2h.end(began, stream, host.numel() * host.element_size())
                     event = torch.cuda.Event()
-                    event.record(torch.cuda.current_stream(self.device))
+                    event.record(stream)
                     out = host
                 self._to_write.put((key, out, event, nbytes))
             self.budget.release(item.in_bytes + item.extra_bytes)
@@ -348,22 +348,19 @@ def _base_position(planned) -> int | None:
 
 
 def _locate_non_finite(exc: NonFiniteError, items: list[_Item]) -> NonFiniteError:
-    """``exc`` with the input that holds NaN/Inf named by model and file (``ops`` only knows
-    its position: ``base`` or ``model i``, i counting the inputs other than the base)."""
-    text = str(exc)
+    """``exc`` with the input that holds NaN/Inf named by model and file (``ops`` knows only
+    its position among the job's inputs: the base first, then the others in plan order)."""
+    if exc.input_index is None:
+        return exc
     for item in items:
         planned = item.planned
-        if not text.startswith(f"tensor {planned.name!r}: "):
+        if planned.name != exc.tensor:
             continue
-        label = text[len(f"tensor {planned.name!r}: "):].split(" has ", 1)[0]
         base = _base_position(planned)
-        others = [k for k in range(len(planned.inputs)) if k != base]
-        if label == "base" and base is not None:
-            inp = planned.inputs[base]
-        elif label.startswith("model ") and label[6:].isdigit() and int(label[6:]) < len(others):
-            inp = planned.inputs[others[int(label[6:])]]
-        else:
-            return exc
-        return NonFiniteError(f"{text} (input {inp.model!r}, file {str(inp.info.file)!r}, "
-                              f"tensor {inp.info.name!r})")
+        order = ([base] if base is not None else []) + [
+            k for k in range(len(planned.inputs)) if k != base]
+        inp = planned.inputs[order[exc.input_index]]
+        return NonFiniteError(f"{exc} (input {inp.model!r}, file {str(inp.info.file)!r}, "
+                              f"tensor {inp.info.name!r})", tensor=exc.tensor,
+                              input_index=exc.input_index)
     return exc
