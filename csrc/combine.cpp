@@ -9,7 +9,10 @@
 //          num = sum_i agree_i * wd_i; den = sum_i agree_i * weights[i]   (fp32, model order)
 //          merged = num / den if normalize and den != 0 else num; out = base + lam * merged
 // Each element is independent, so the result is the same for every thread count.
+#include <atomic>
 #include <vector>
+
+#include "masks.h"
 
 #include "items.h"
 #include "kernels.h"
@@ -74,6 +77,103 @@ MC_INLINE void models_tile(const CombineJob& job, const float* b, uint64_t s, si
     } else {
       model_step<false, ACC>(job, i, b, s, cnt, words, wd, acc, s64);
     }
+  }
+}
+
+// The elect mode for M models whose masks are all KEEP_TOP or KEEP_ALL (KEEP_ALL is the
+// TopSet (0, n)) and whose inputs share one dtype: every step of an element runs in registers
+// in one vectorized loop, with the same operations in the same order as the general path
+// below (so the same bits).
+constexpr int FUSED_MAX_MODELS = 4;
+std::atomic<bool> g_fused_elect{true};
+
+template <int XD, bool HAS_BASE, int M>
+MC_INLINE void elect_fused_tile(const CombineJob& job, uint64_t s, size_t cnt, float* out) {
+  const void* xp[M];
+  uint32_t thr[M], lim[M];
+  float coef[M], weight[M];
+  for (int i = 0; i < M; ++i) {
+    const Mask& mk = job.masks[i];
+    xp[i] = job.xs[i].ptr;
+    const bool all = mk.kind == KEEP_ALL;
+    thr[i] = all ? 0u : mk.upper.threshold;
+    lim[i] = all ? static_cast<uint32_t>(cnt) : index_limit(mk.upper.cutoff, s, cnt);
+    coef[i] = job.coefs[i];
+    weight[i] = job.weights[i];
+  }
+  const void* bp = job.base.ptr;
+  const float lam = job.lam;
+  const bool normalize = job.normalize;
+  for (size_t t = 0; t < cnt; ++t) {
+    const float b = HAS_BASE ? ld<XD>(bp, s + t) : 0.0f;
+    float w[M];
+    for (int i = 0; i < M; ++i) {
+      const float d = ld<XD>(xp[i], s + t) - b;
+      const uint32_t key = f32_bits(d) & 0x7FFFFFFFu;
+      const bool keep = (key > thr[i]) | ((key == thr[i]) & (static_cast<uint32_t>(t) < lim[i]));
+      w[i] = keep ? coef[i] * d : 0.0f;
+    }
+    // the elected sign as +1 / -1: w agrees iff w * sign > 0 (exact: a sign flip)
+    float sign;
+    if constexpr (M <= 2) {
+      float acc = 0.0f + w[0];
+      for (int i = 1; i < M; ++i) acc = acc + w[i];
+      sign = acc >= 0.0f ? 1.0f : -1.0f;
+    } else {
+      double acc = 0.0 + static_cast<double>(w[0]);
+      for (int i = 1; i < M; ++i) acc = acc + static_cast<double>(w[i]);
+      sign = acc >= 0.0 ? 1.0f : -1.0f;
+    }
+    float num = 0.0f, den = 0.0f;
+    for (int i = 0; i < M; ++i) {
+      const bool agree = w[i] * sign > 0.0f;
+      num = num + (agree ? w[i] : 0.0f);
+      den = den + (agree ? weight[i] : 0.0f);
+    }
+    const float merged = normalize && den != 0.0f ? num / den : num;
+    out[t] = b + lam * merged;
+  }
+}
+
+// True when the fused elect path applies to the job.
+bool elect_fusable(const CombineJob& job) {
+  if (!g_fused_elect.load()) return false;
+  const size_t m = job.xs.size();
+  if (job.mode != MODE_ELECT || m == 0 || m > FUSED_MAX_MODELS) return false;
+  const int dt = job.xs[0].dtype;
+  if (job.base.ptr != nullptr && job.base.dtype != dt) return false;
+  for (size_t i = 0; i < m; ++i) {
+    if (job.xs[i].dtype != dt) return false;
+    if (job.masks[i].kind != KEEP_ALL && job.masks[i].kind != KEEP_TOP) return false;
+  }
+  return true;
+}
+
+template <int M>
+MC_INLINE void elect_fused_dispatch(const CombineJob& job, uint64_t s, size_t cnt, float* out) {
+  with_dtype(job.xs[0].dtype, [&](auto xd) MC_LAMBDA {
+    constexpr int XD = decltype(xd)::value;
+    if constexpr (XD != NONE) {
+      if (job.base.ptr != nullptr) {
+        elect_fused_tile<XD, true, M>(job, s, cnt, out);
+      } else {
+        elect_fused_tile<XD, false, M>(job, s, cnt, out);
+      }
+    }
+  });
+}
+
+MC_HOT void elect_fused_range(const CombineJob& job, uint64_t start, uint64_t end) {
+  alignas(64) float out[TILE];
+  for (uint64_t s = start; s < end; s += TILE) {
+    const size_t cnt = static_cast<size_t>(end - s < TILE ? end - s : TILE);
+    switch (job.xs.size()) {
+      case 1: elect_fused_dispatch<1>(job, s, cnt, out); break;
+      case 2: elect_fused_dispatch<2>(job, s, cnt, out); break;
+      case 3: elect_fused_dispatch<3>(job, s, cnt, out); break;
+      default: elect_fused_dispatch<4>(job, s, cnt, out); break;
+    }
+    store_f32(job.out, job.out_dtype, s, cnt, out);
   }
 }
 
@@ -147,9 +247,18 @@ void combine_many(const std::vector<CombineJob>& jobs) {
   sizes.reserve(jobs.size());
   for (const auto& j : jobs) sizes.push_back(j.n);
   std::vector<Item> items = make_items(sizes, TILE, 64 * TILE, 1024 * TILE);
+  std::vector<char> fusable(jobs.size());
+  for (size_t j = 0; j < jobs.size(); ++j) fusable[j] = elect_fusable(jobs[j]);
   parallel_for(items.size(), [&](size_t i) {
-    combine_range(jobs[items[i].job], items[i].start, items[i].end);
+    const CombineJob& job = jobs[items[i].job];
+    if (fusable[items[i].job]) {
+      elect_fused_range(job, items[i].start, items[i].end);
+    } else {
+      combine_range(job, items[i].start, items[i].end);
+    }
   });
 }
+
+bool combine_fused_elect(bool enabled) { return g_fused_elect.exchange(enabled); }
 
 }  // namespace mc

@@ -73,8 +73,16 @@ std::vector<std::vector<TopSet>> select_top_many(const std::vector<SelectJob>& j
 // Test hook: jobs of at most small_n elements take the single-item path; grain (0 = automatic)
 // fixes the chunk size of large jobs. Returns the previous (small_n, grain).
 std::pair<uint64_t, uint64_t> select_tuning(uint64_t small_n, uint64_t grain);
+// Test hook: single-k jobs of at least min_n elements (and above small_n) try the sampled
+// bracket first (0: every such job; 2**63: none). Returns the previous limit.
+uint64_t select_bracket_min_n(uint64_t min_n);
+// Test hook: (jobs the bracket settled, jobs it missed and sent to the histogram path) so far.
+std::pair<uint64_t, uint64_t> select_bracket_stats();
 // the fused sum / elect combine
 void combine_many(const std::vector<CombineJob>& jobs);
+// Test hook: whether elect jobs with top/all masks take the fused one-loop path (the general
+// path gives the same bits). Returns the previous setting.
+bool combine_fused_elect(bool enabled);
 // number of NaN/Inf values (all-ones exponent field) per tensor
 std::vector<uint64_t> count_nonfinite_many(const std::vector<TensorRef>& tensors);
 

@@ -289,6 +289,15 @@ PYBIND11_MODULE(_C, m) {
       "Test hook: select_top's small-job limit and chunk size (0 = automatic); returns the "
       "previous pair. Defaults: (65536, 0).");
   m.def(
+      "_select_bracket_min_n", &mc::select_bracket_min_n, py::arg("min_n"),
+      "Test hook: single-k jobs of at least min_n elements try the sampled bracket before the "
+      "histogram path (2**63 turns it off); returns the previous limit. Default: 0.");
+  m.def("_combine_fused_elect", &mc::combine_fused_elect, py::arg("enabled"),
+        "Test hook: elect combines with top/all masks take the fused path (default True); "
+        "returns the previous setting.");
+  m.def("_select_bracket_stats", &mc::select_bracket_stats,
+        "Test hook: (jobs settled by the sampled bracket, jobs it sent to the histogram path).");
+  m.def(
       "_philox_words",
       [](uint32_t key0, uint32_t key1, uint64_t start, uint64_t count, uint64_t dst_addr,
          bool generic) {

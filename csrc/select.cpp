@@ -24,6 +24,7 @@
 
 #include "items.h"
 #include "kernels.h"
+#include "select_common.h"
 
 namespace mc {
 
@@ -35,50 +36,14 @@ constexpr size_t LARGE_JOBS_PER_GROUP = 32;  // bounds the shared histograms' me
 
 std::atomic<uint64_t> g_small_n{1u << 16};
 std::atomic<uint64_t> g_grain{0};  // 0: automatic
+std::atomic<uint64_t> g_bracket_min_n{0};  // jobs at least this large may take the bracket
 
 const TopSet EMPTY_SET{0xFFFFFFFFu, 0};
 
 inline void atomic_add(uint64_t* p, uint64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline void atomic_or(uint32_t* p, uint32_t v) { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
 
-MC_HOT void keys_tile(const SelectJob& job, uint64_t start, size_t count, uint32_t* key) {
-  load_keys(job.x, job.base, start, count, key);
-}
-
 // ---- small jobs -------------------------------------------------------------------------------
-
-// Rank `need` (1-based; key descending, index ascending) among the m keys of a whole job.
-TopSet select_in_keys(const uint32_t* keys, size_t m, uint64_t need, std::vector<uint32_t>& kbuf,
-                      std::vector<uint32_t>& ibuf) {
-  kbuf.resize(m);
-  ibuf.resize(m);
-  const uint32_t* ck = keys;
-  size_t len = m;
-  bool first = true;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    uint64_t cnt[256] = {};
-    for (size_t t = 0; t < len; ++t) cnt[(ck[t] >> shift) & 0xFFu]++;
-    int digit = 255;
-    for (; digit > 0; --digit) {
-      if (cnt[digit] >= need) break;
-      need -= cnt[digit];
-    }
-    size_t out = 0;
-    for (size_t t = 0; t < len; ++t) {
-      if (((ck[t] >> shift) & 0xFFu) == static_cast<uint32_t>(digit)) {
-        kbuf[out] = ck[t];
-        ibuf[out] = first ? static_cast<uint32_t>(t) : ibuf[t];
-        ++out;
-      }
-    }
-    len = out;
-    ck = kbuf.data();
-    first = false;
-  }
-  // kbuf[0 .. len) all equal the threshold, in index order; the first `need` of them are kept.
-  uint64_t cutoff = need >= len ? m : static_cast<uint64_t>(ibuf[need - 1]) + 1;
-  return TopSet{kbuf[0], cutoff};
-}
 
 thread_local std::vector<uint32_t> tl_keys, tl_kbuf, tl_ibuf;
 
@@ -209,25 +174,6 @@ uint32_t guess_mode(const SelectJob& job, uint32_t bin) {
   return best;
 }
 
-MC_HOT uint64_t find_nth_equal(const SelectJob& job, uint64_t start, uint64_t end, uint32_t value,
-                               uint64_t need) {
-  alignas(64) uint32_t key[TILE];
-  for (uint64_t s = start; s < end; s += TILE) {
-    size_t cnt = static_cast<size_t>(std::min<uint64_t>(TILE, end - s));
-    keys_tile(job, s, cnt, key);
-    uint32_t c = 0;
-    for (size_t t = 0; t < cnt; ++t) c += key[t] == value;
-    if (c < need) {
-      need -= c;
-      continue;
-    }
-    for (size_t t = 0; t < cnt; ++t) {
-      if (key[t] == value && --need == 0) return s + t;
-    }
-  }
-  return end;  // unreachable when the counts are right
-}
-
 // One pending k of a large job.
 struct KSel {
   uint32_t job;   // index into the group's large jobs
@@ -284,11 +230,9 @@ void select_group(const std::vector<SelectJob>& jobs, const std::vector<uint32_t
 
   // ---- pass 1: small jobs whole, large jobs' high-bits histograms -------------------------
   std::vector<Item> items;  // chunks of large jobs, in job then index order
-  const uint64_t fixed_grain = g_grain.load();
   for (uint32_t l = 0; l < large.size(); ++l) {
     const uint64_t n = large[l].job->n;
-    const uint64_t grain =
-        fixed_grain ? fixed_grain : pick_grain(n, TILE, 256 * TILE, 2048 * TILE);
+    const uint64_t grain = select_grain(n);
     large[l].first_item = items.size();
     for (uint64_t s = 0; s < n; s += grain) items.push_back(Item{l, s, std::min(s + grain, n)});
     large[l].last_item = items.size();
@@ -401,9 +345,20 @@ std::vector<std::vector<TopSet>> select_top_many(const std::vector<SelectJob>& j
   std::vector<std::vector<TopSet>> out(jobs.size());
   for (size_t j = 0; j < jobs.size(); ++j) out[j].assign(jobs[j].ks.size(), EMPTY_SET);
   const uint64_t small_n = g_small_n.load();
+  // large single-k jobs first try the one-pass sampled bracket (select_bracket.cpp)
+  std::vector<uint32_t> bracketable;
+  for (uint32_t j = 0; j < jobs.size(); ++j) {
+    if (jobs[j].n > small_n && jobs[j].n >= g_bracket_min_n.load()) bracketable.push_back(j);
+  }
+  std::vector<char> done(jobs.size(), 0);
+  if (!bracketable.empty()) {
+    std::vector<char> settled = select_bracketed(jobs, bracketable, out);
+    for (size_t w = 0; w < bracketable.size(); ++w) done[bracketable[w]] = settled[w];
+  }
   std::vector<uint32_t> group;
   size_t large_in_group = 0;
   for (uint32_t j = 0; j < jobs.size(); ++j) {
+    if (done[j]) continue;
     group.push_back(j);
     if (jobs[j].n > small_n) ++large_in_group;
     if (large_in_group >= LARGE_JOBS_PER_GROUP) {
@@ -415,6 +370,13 @@ std::vector<std::vector<TopSet>> select_top_many(const std::vector<SelectJob>& j
   if (!group.empty()) select_group(jobs, group, out);
   return out;
 }
+
+uint64_t select_grain(uint64_t n) {
+  const uint64_t fixed = g_grain.load();
+  return fixed ? fixed : pick_grain(n, TILE, 256 * TILE, 2048 * TILE);
+}
+
+uint64_t select_bracket_min_n(uint64_t min_n) { return g_bracket_min_n.exchange(min_n); }
 
 std::pair<uint64_t, uint64_t> select_tuning(uint64_t small_n, uint64_t grain) {
   std::pair<uint64_t, uint64_t> old{g_small_n.load(), g_grain.load()};

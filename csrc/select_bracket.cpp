@@ -1,0 +1,222 @@
+// Exact top-k of large single-k jobs in one pass over the data, from a sampled bracket.
+//
+// The histogram path (select.cpp) reads every key twice and scatters each into a 32768-bin
+// table. Here a small sample locates the threshold first:
+//   sample   S keys, taken as runs of RUN consecutive entries spread evenly over the job;
+//            with p = k / n, r = floor(p S) and d = SIGMAS sqrt(S p (1 - p)) + RUN, the
+//            sample's (r - d)-th and (r + d)-th largest keys are the bracket [lo, hi];
+//   pass     per chunk: how many keys are > hi, == hi and == lo, and the (key, index) of
+//            every key strictly inside (lo, hi), in index order. Only compares and counts
+//            run per element (they vectorize); the few entries inside are appended;
+//   resolve  walking down from the top, the k-th largest key is in "== hi", "inside" or
+//            "== lo" (the bracket held), or above hi / below lo (it missed: the job goes
+//            back to the histogram path; the result is exact either way).
+// A key equal to the threshold is never stored (a frequent key, e.g. a zero delta, costs a
+// count, not memory): when T is hi or lo, the chunk counts locate the chunk holding the
+// needed entry and only that chunk is scanned. The sample only decides the speed.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "items.h"
+#include "select_common.h"
+
+namespace mc {
+
+namespace {
+
+// Tuning of the bracket (one place): sample size, run length and width in deviations.
+constexpr uint64_t SAMPLE_MIN = 8192;
+constexpr uint64_t SAMPLE_MAX = 1u << 18;
+constexpr uint64_t SAMPLE_DIVISOR = 256;  // S = n / SAMPLE_DIVISOR within [MIN, MAX]
+constexpr uint64_t RUN = 32;              // consecutive entries per sample run
+constexpr double SIGMAS = 5.0;
+
+std::atomic<uint64_t> g_settled{0}, g_missed{0};
+
+struct Bracket {
+  uint32_t lo, hi;  // lo <= hi; hi == 0xFFFFFFFF: nothing above
+};
+
+struct ChunkResult {
+  uint64_t above = 0, at_hi = 0, at_lo = 0;
+  std::vector<uint32_t> key;  // keys strictly inside (lo, hi), index order
+  std::vector<uint32_t> pos;  // their indices relative to the chunk start
+};
+
+Bracket sample_bracket(const SelectJob& job, uint64_t k) {
+  const uint64_t n = job.n;
+  uint64_t s = std::clamp<uint64_t>(n / SAMPLE_DIVISOR, SAMPLE_MIN, SAMPLE_MAX);
+  const uint64_t runs = s / RUN;
+  s = runs * RUN;
+  std::vector<uint32_t> keys(s);
+  const uint64_t stride = n / runs;  // >= RUN: callers pass n >= 4 S
+  for (uint64_t r = 0; r < runs; ++r) {
+    keys_tile(job, r * stride + (stride - RUN) / 2, RUN, keys.data() + r * RUN);
+  }
+  const double p = static_cast<double>(k) / static_cast<double>(n);
+  const double sd = std::sqrt(static_cast<double>(s) * p * (1.0 - p));
+  const int64_t d = static_cast<int64_t>(SIGMAS * sd) + static_cast<int64_t>(RUN);
+  const int64_t r = static_cast<int64_t>(p * static_cast<double>(s));
+  const int64_t hi_rank = r - d, lo_rank = r + d;  // 0-based, descending
+  Bracket br{0, 0xFFFFFFFFu};
+  auto desc_nth = [&](int64_t rank) {  // the rank-th largest sample key
+    auto it = keys.begin() + (static_cast<int64_t>(s) - 1 - rank);
+    std::nth_element(keys.begin(), it, keys.end());
+    return *it;
+  };
+  if (lo_rank < static_cast<int64_t>(s)) br.lo = desc_nth(lo_rank);
+  if (hi_rank >= 0) br.hi = desc_nth(hi_rank);
+  return br;
+}
+
+MC_HOT void bracket_pass(const SelectJob& job, uint64_t start, uint64_t end, Bracket br,
+                         ChunkResult& res) {
+  alignas(64) uint32_t key[TILE];
+  alignas(64) uint8_t inside[TILE + 8];
+  const uint32_t lo = br.lo, hi = br.hi;
+  for (uint64_t s = start; s < end; s += TILE) {
+    const size_t cnt = static_cast<size_t>(std::min<uint64_t>(TILE, end - s));
+    keys_tile(job, s, cnt, key);
+    uint32_t above = 0, at_hi = 0, at_lo = 0;
+    for (size_t t = 0; t < cnt; ++t) {
+      above += key[t] > hi;
+      at_hi += key[t] == hi;
+      at_lo += key[t] == lo;
+      inside[t] = (key[t] > lo) & (key[t] < hi);
+    }
+    res.above += above;
+    res.at_hi += at_hi;
+    res.at_lo += at_lo;
+    for (size_t t = cnt; t < ((cnt + 7) & ~size_t{7}); ++t) inside[t] = 0;
+    for (size_t t = 0; t < cnt; t += 8) {
+      uint64_t w;
+      std::memcpy(&w, inside + t, 8);
+      if (w == 0) continue;
+      for (size_t u = t; u < t + 8; ++u) {
+        if (inside[u]) {
+          res.key.push_back(key[u]);
+          res.pos.push_back(static_cast<uint32_t>(s + u - start));
+        }
+      }
+    }
+  }
+}
+
+// The TopSet with threshold `value` keeping the first `need` of its `total` equal entries,
+// located through the chunks' counts of that value.
+TopSet cutoff_at_equal(const SelectJob& job, const std::vector<Item>& items, size_t first,
+                       size_t last, const std::vector<ChunkResult>& res, bool at_hi,
+                       uint32_t value, uint64_t need, uint64_t total) {
+  if (need >= total) return TopSet{value, job.n};
+  for (size_t i = first; i < last; ++i) {
+    const uint64_t c = at_hi ? res[i].at_hi : res[i].at_lo;
+    if (c >= need) return TopSet{value, find_nth_equal(job, items[i].start, items[i].end, value, need) + 1};
+    need -= c;
+  }
+  return TopSet{value, job.n};  // unreachable when the counts are right
+}
+
+// Settles one job from its chunks' results; false when the bracket missed the threshold.
+bool resolve(const SelectJob& job, uint64_t k, Bracket br, const std::vector<Item>& items,
+             size_t first, size_t last, const std::vector<ChunkResult>& res, TopSet& out) {
+  uint64_t above = 0, at_hi = 0, at_lo = 0, inside = 0;
+  for (size_t i = first; i < last; ++i) {
+    above += res[i].above;
+    at_hi += res[i].at_hi;
+    at_lo += res[i].at_lo;
+    inside += res[i].key.size();
+  }
+  if (br.lo == br.hi) at_lo = 0;  // the same entries: count them once
+  if (k <= above) return false;
+  uint64_t need = k - above;
+  if (need <= at_hi) {
+    out = cutoff_at_equal(job, items, first, last, res, true, br.hi, need, at_hi);
+    return true;
+  }
+  need -= at_hi;
+  if (need <= inside) {
+    std::vector<uint32_t> keys;
+    keys.reserve(inside);
+    for (size_t i = first; i < last; ++i) keys.insert(keys.end(), res[i].key.begin(), res[i].key.end());
+    // every key inside shares the bits above the highest bit in which lo and hi differ
+    const int varying = 32 - __builtin_clz(br.lo ^ br.hi);
+    std::vector<uint32_t> kbuf, ibuf;
+    TopSet local = select_in_keys(keys.data(), keys.size(), need, kbuf, ibuf, (varying - 1) / 8 * 8);
+    if (local.cutoff >= keys.size()) {
+      out = TopSet{local.threshold, job.n};
+      return true;
+    }
+    uint64_t p = local.cutoff - 1;  // position of the last kept entry equal to T
+    for (size_t i = first; i < last; ++i) {
+      if (p < res[i].pos.size()) {
+        out = TopSet{local.threshold, items[i].start + res[i].pos[p] + 1};
+        return true;
+      }
+      p -= res[i].pos.size();
+    }
+    return false;  // unreachable
+  }
+  need -= inside;
+  if (br.lo != br.hi && need <= at_lo) {
+    out = cutoff_at_equal(job, items, first, last, res, false, br.lo, need, at_lo);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::vector<char> select_bracketed(const std::vector<SelectJob>& jobs,
+                                   const std::vector<uint32_t>& which,
+                                   std::vector<std::vector<TopSet>>& out) {
+  std::vector<char> settled(which.size(), 0);
+  std::vector<uint32_t> todo;  // positions in `which` worth bracketing
+  for (uint32_t w = 0; w < which.size(); ++w) {
+    const SelectJob& job = jobs[which[w]];
+    if (job.ks.size() == 1 && job.n >= 4 * SAMPLE_MIN && job.n < (1ull << 40) && job.ks[0] > 0 && job.ks[0] < job.n) {
+      todo.push_back(w);
+    }
+  }
+  if (todo.empty()) return settled;
+  std::vector<Bracket> brackets(todo.size());
+  parallel_for(todo.size(), [&](size_t t) {
+    const SelectJob& job = jobs[which[todo[t]]];
+    brackets[t] = sample_bracket(job, job.ks[0]);
+  });
+  std::vector<Item> items;
+  std::vector<size_t> first(todo.size() + 1);
+  for (uint32_t t = 0; t < todo.size(); ++t) {
+    const uint64_t n = jobs[which[todo[t]]].n;
+    const uint64_t grain = select_grain(n);
+    first[t] = items.size();
+    for (uint64_t s = 0; s < n; s += grain) items.push_back(Item{t, s, std::min(s + grain, n)});
+  }
+  first[todo.size()] = items.size();
+  std::vector<ChunkResult> res(items.size());
+  parallel_for(items.size(), [&](size_t i) {
+    const uint32_t t = items[i].job;
+    bracket_pass(jobs[which[todo[t]]], items[i].start, items[i].end, brackets[t], res[i]);
+  });
+  parallel_for(todo.size(), [&](size_t t) {
+    const uint32_t j = which[todo[t]];
+    const SelectJob& job = jobs[j];
+    TopSet ts{};
+    if (resolve(job, job.ks[0], brackets[t], items, first[t], first[t + 1], res, ts)) {
+      out[j][0] = ts;
+      settled[todo[t]] = 1;
+      g_settled.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      g_missed.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  return settled;
+}
+
+std::pair<uint64_t, uint64_t> select_bracket_stats() {
+  return {g_settled.load(), g_missed.load()};
+}
+
+}  // namespace mc
