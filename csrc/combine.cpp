@@ -9,6 +9,7 @@
 //          num = sum_i agree_i * wd_i; den = sum_i agree_i * weights[i]   (fp32, model order)
 //          merged = num / den if normalize and den != 0 else num; out = base + lam * merged
 // Each element is independent, so the result is the same for every thread count.
+#include <array>
 #include <atomic>
 #include <vector>
 
@@ -30,11 +31,13 @@ enum Acc : int { ACC_SUM = 0, ACC_ELECT32 = 1, ACC_ELECT64 = 2 };
 // One model's contribution to a tile: wd = coef * d if kept else 0; acc += wd (FIRST: acc =
 // 0 + wd).
 template <int XD, int MK, bool FIRST, int ACC>
-MC_INLINE void model_tile(const void* x, const float* b, uint64_t s, size_t cnt,
-                          const TileMask& tm, float coef, float* wd, float* acc, double* s64) {
+MC_INLINE uint32_t model_tile(const void* x, const float* b, uint64_t s, size_t cnt,
+                              const TileMask& tm, float coef, float* wd, float* acc, double* s64) {
+  uint32_t bad = 0;
   for (size_t t = 0; t < cnt; ++t) {
     const float d = ld<XD>(x, s + t) - b[t];
     const uint32_t key = f32_bits(d) & 0x7FFFFFFFu;
+    bad += key >= NONFINITE_KEY;
     const float w = kept<MK>(tm, key, static_cast<uint32_t>(t)) ? coef * d : 0.0f;
     if constexpr (ACC != ACC_SUM) wd[t] = w;
     if constexpr (ACC == ACC_ELECT64) {
@@ -42,27 +45,32 @@ MC_INLINE void model_tile(const void* x, const float* b, uint64_t s, size_t cnt,
     }
     acc[t] = (FIRST ? 0.0f : acc[t]) + w;
   }
+  return bad;
 }
 
 template <bool FIRST, int ACC>
-MC_INLINE void model_step(const CombineJob& job, size_t i, const float* b, uint64_t s,
-                          size_t cnt, uint32_t* words, float* wd, float* acc, double* s64) {
+MC_INLINE uint32_t model_step(const CombineJob& job, size_t i, const float* b, uint64_t s,
+                              size_t cnt, uint32_t* words, float* wd, float* acc, double* s64) {
   const Mask& mask = job.masks[i];
   const TileMask tm = tile_mask(mask, s, cnt, words);
+  uint32_t bad = 0;
   with_dtype(job.xs[i].dtype, [&](auto xd) MC_LAMBDA {
     constexpr int XD = decltype(xd)::value;
     if constexpr (XD != NONE) {
       with_mask_kind(mask.kind, [&](auto mk) MC_LAMBDA {
-        model_tile<XD, decltype(mk)::value, FIRST, ACC>(job.xs[i].ptr, b, s, cnt, tm,
-                                                        job.coefs[i], wd, acc, s64);
+        bad = model_tile<XD, decltype(mk)::value, FIRST, ACC>(job.xs[i].ptr, b, s, cnt, tm,
+                                                              job.coefs[i], wd, acc, s64);
       });
     }
   });
+  return bad;
 }
 
+// Returns the tile's NaN/Inf deltas over all models.
 template <int ACC>
-MC_INLINE void models_tile(const CombineJob& job, const float* b, uint64_t s, size_t cnt,
-                           uint32_t* words, float* wd_all, float* acc, double* s64) {
+MC_INLINE uint32_t models_tile(const CombineJob& job, const float* b, uint64_t s, size_t cnt,
+                               uint32_t* words, float* wd_all, float* acc, double* s64) {
+  uint32_t bad = 0;
   const size_t m = job.xs.size();
   if (m == 0) {
     for (size_t t = 0; t < cnt; ++t) {
@@ -73,11 +81,12 @@ MC_INLINE void models_tile(const CombineJob& job, const float* b, uint64_t s, si
   for (size_t i = 0; i < m; ++i) {
     float* wd = wd_all + i * TILE;
     if (i == 0) {
-      model_step<true, ACC>(job, i, b, s, cnt, words, wd, acc, s64);
+      bad += model_step<true, ACC>(job, i, b, s, cnt, words, wd, acc, s64);
     } else {
-      model_step<false, ACC>(job, i, b, s, cnt, words, wd, acc, s64);
+      bad += model_step<false, ACC>(job, i, b, s, cnt, words, wd, acc, s64);
     }
   }
+  return bad;
 }
 
 // The elect mode for M models whose masks are all KEEP_TOP or KEEP_ALL (KEEP_ALL is the
@@ -87,8 +96,9 @@ MC_INLINE void models_tile(const CombineJob& job, const float* b, uint64_t s, si
 constexpr int FUSED_MAX_MODELS = 4;
 std::atomic<bool> g_fused_elect{true};
 
+// Returns the tile's NaN/Inf deltas over all models.
 template <int XD, bool HAS_BASE, int M>
-MC_INLINE void elect_fused_tile(const CombineJob& job, uint64_t s, size_t cnt, float* out) {
+MC_INLINE uint32_t elect_fused_tile(const CombineJob& job, uint64_t s, size_t cnt, float* out) {
   const void* xp[M];
   uint32_t thr[M], lim[M];
   float coef[M], weight[M];
@@ -104,12 +114,14 @@ MC_INLINE void elect_fused_tile(const CombineJob& job, uint64_t s, size_t cnt, f
   const void* bp = job.base.ptr;
   const float lam = job.lam;
   const bool normalize = job.normalize;
+  uint32_t bad = 0;
   for (size_t t = 0; t < cnt; ++t) {
     const float b = HAS_BASE ? ld<XD>(bp, s + t) : 0.0f;
     float w[M];
     for (int i = 0; i < M; ++i) {
       const float d = ld<XD>(xp[i], s + t) - b;
       const uint32_t key = f32_bits(d) & 0x7FFFFFFFu;
+      bad += key >= NONFINITE_KEY;
       const bool keep = (key > thr[i]) | ((key == thr[i]) & (static_cast<uint32_t>(t) < lim[i]));
       w[i] = keep ? coef[i] * d : 0.0f;
     }
@@ -133,6 +145,7 @@ MC_INLINE void elect_fused_tile(const CombineJob& job, uint64_t s, size_t cnt, f
     const float merged = normalize && den != 0.0f ? num / den : num;
     out[t] = b + lam * merged;
   }
+  return bad;
 }
 
 // True when the fused elect path applies to the job.
@@ -150,35 +163,42 @@ bool elect_fusable(const CombineJob& job) {
 }
 
 template <int M>
-MC_INLINE void elect_fused_dispatch(const CombineJob& job, uint64_t s, size_t cnt, float* out) {
+MC_INLINE uint32_t elect_fused_dispatch(const CombineJob& job, uint64_t s, size_t cnt,
+                                        float* out) {
+  uint32_t bad = 0;
   with_dtype(job.xs[0].dtype, [&](auto xd) MC_LAMBDA {
     constexpr int XD = decltype(xd)::value;
     if constexpr (XD != NONE) {
-      if (job.base.ptr != nullptr) {
-        elect_fused_tile<XD, true, M>(job, s, cnt, out);
-      } else {
-        elect_fused_tile<XD, false, M>(job, s, cnt, out);
-      }
+      bad = job.base.ptr != nullptr ? elect_fused_tile<XD, true, M>(job, s, cnt, out)
+                                    : elect_fused_tile<XD, false, M>(job, s, cnt, out);
     }
   });
+  return bad;
 }
 
-MC_HOT void elect_fused_range(const CombineJob& job, uint64_t start, uint64_t end) {
+// Returns (NaN/Inf outputs, NaN/Inf deltas) of [start, end).
+MC_HOT std::array<uint64_t, 2> elect_fused_range(const CombineJob& job, uint64_t start,
+                                                 uint64_t end) {
   alignas(64) float out[TILE];
+  std::array<uint64_t, 2> bad{0, 0};
   for (uint64_t s = start; s < end; s += TILE) {
     const size_t cnt = static_cast<size_t>(end - s < TILE ? end - s : TILE);
     switch (job.xs.size()) {
-      case 1: elect_fused_dispatch<1>(job, s, cnt, out); break;
-      case 2: elect_fused_dispatch<2>(job, s, cnt, out); break;
-      case 3: elect_fused_dispatch<3>(job, s, cnt, out); break;
-      default: elect_fused_dispatch<4>(job, s, cnt, out); break;
+      case 1: bad[1] += elect_fused_dispatch<1>(job, s, cnt, out); break;
+      case 2: bad[1] += elect_fused_dispatch<2>(job, s, cnt, out); break;
+      case 3: bad[1] += elect_fused_dispatch<3>(job, s, cnt, out); break;
+      default: bad[1] += elect_fused_dispatch<4>(job, s, cnt, out); break;
     }
     store_f32(job.out, job.out_dtype, s, cnt, out);
+    bad[0] += count_nonfinite(job.out, job.out_dtype, s, cnt);
   }
+  return bad;
 }
 
-MC_HOT void combine_range(const CombineJob& job, uint64_t start, uint64_t end) {
+// Returns (NaN/Inf outputs, NaN/Inf deltas) of [start, end).
+MC_HOT std::array<uint64_t, 2> combine_range(const CombineJob& job, uint64_t start, uint64_t end) {
   const size_t m = job.xs.size();
+  std::array<uint64_t, 2> bad{0, 0};
   alignas(64) float b[TILE], acc[TILE], num[TILE], den[TILE], sgn[TILE];
   alignas(64) double s64[TILE];
   alignas(64) uint32_t words[TILE];
@@ -192,19 +212,20 @@ MC_HOT void combine_range(const CombineJob& job, uint64_t start, uint64_t end) {
     // b = fl32(base), or 0 without a base (then d = x - 0 = x exactly)
     load_f32(job.base.ptr, code_of(job.base), s, cnt, b);
     if (!elect) {
-      models_tile<ACC_SUM>(job, b, s, cnt, words, wd_all, acc, s64);
+      bad[1] += models_tile<ACC_SUM>(job, b, s, cnt, words, wd_all, acc, s64);
       if (has_base) {
         for (size_t t = 0; t < cnt; ++t) acc[t] = b[t] + acc[t];
       }
       store_f32(job.out, job.out_dtype, s, cnt, acc);
+      bad[0] += count_nonfinite(job.out, job.out_dtype, s, cnt);
       continue;
     }
     // elect: the sign of the fp64 sum of the fp32 terms (sgn = +1 or -1) ...
     if (m <= 2) {
-      models_tile<ACC_ELECT32>(job, b, s, cnt, words, wd_all, acc, s64);
+      bad[1] += models_tile<ACC_ELECT32>(job, b, s, cnt, words, wd_all, acc, s64);
       for (size_t t = 0; t < cnt; ++t) sgn[t] = acc[t] >= 0.0f ? 1.0f : -1.0f;
     } else {
-      models_tile<ACC_ELECT64>(job, b, s, cnt, words, wd_all, acc, s64);
+      bad[1] += models_tile<ACC_ELECT64>(job, b, s, cnt, words, wd_all, acc, s64);
       for (size_t t = 0; t < cnt; ++t) sgn[t] = s64[t] >= 0.0 ? 1.0f : -1.0f;
     }
     // ... then the sums over the agreeing models
@@ -237,26 +258,30 @@ MC_HOT void combine_range(const CombineJob& job, uint64_t start, uint64_t end) {
       for (size_t t = 0; t < cnt; ++t) acc[t] = b[t] + lam * num[t];
     }
     store_f32(job.out, job.out_dtype, s, cnt, acc);
+    bad[0] += count_nonfinite(job.out, job.out_dtype, s, cnt);
   }
+  return bad;
 }
 
 }  // namespace
 
-void combine_many(const std::vector<CombineJob>& jobs) {
+std::vector<std::array<uint64_t, 2>> combine_many(const std::vector<CombineJob>& jobs) {
   std::vector<uint64_t> sizes;
   sizes.reserve(jobs.size());
   for (const auto& j : jobs) sizes.push_back(j.n);
   std::vector<Item> items = make_items(sizes, TILE, 64 * TILE, 1024 * TILE);
   std::vector<char> fusable(jobs.size());
   for (size_t j = 0; j < jobs.size(); ++j) fusable[j] = elect_fusable(jobs[j]);
+  std::vector<std::array<uint64_t, 2>> nonfinite(jobs.size(), {0, 0});
   parallel_for(items.size(), [&](size_t i) {
     const CombineJob& job = jobs[items[i].job];
-    if (fusable[items[i].job]) {
-      elect_fused_range(job, items[i].start, items[i].end);
-    } else {
-      combine_range(job, items[i].start, items[i].end);
-    }
+    const std::array<uint64_t, 2> c =
+        fusable[items[i].job] ? elect_fused_range(job, items[i].start, items[i].end)
+                              : combine_range(job, items[i].start, items[i].end);
+    __atomic_fetch_add(&nonfinite[items[i].job][0], c[0], __ATOMIC_RELAXED);
+    __atomic_fetch_add(&nonfinite[items[i].job][1], c[1], __ATOMIC_RELAXED);
   });
+  return nonfinite;
 }
 
 bool combine_fused_elect(bool enabled) { return g_fused_elect.exchange(enabled); }

@@ -167,6 +167,21 @@ MC_INLINE void store_f32(void* dst, int dtype, size_t start, size_t count, const
   });
 }
 
+// NaN/Inf values (exponent field all ones) among elements [start, start + count) of a
+// (dtype, pointer) tensor: used to check a tile just stored, while it is in L1.
+MC_INLINE uint32_t count_nonfinite(const void* p, int dtype, size_t start, size_t count) {
+  uint32_t c = 0;
+  if (dtype == F32) {
+    const uint32_t* u = static_cast<const uint32_t*>(p) + start;
+    for (size_t t = 0; t < count; ++t) c += (u[t] & 0x7F800000u) == 0x7F800000u;
+  } else {
+    const uint16_t* u = static_cast<const uint16_t*>(p) + start;
+    const uint16_t m = dtype == F16 ? 0x7C00u : 0x7F80u;
+    for (size_t t = 0; t < count; ++t) c += (u[t] & m) == m;
+  }
+  return c;
+}
+
 // A tensor operand: data pointer and dtype code (pointer may be null for "no base").
 struct Operand {
   const void* ptr = nullptr;

@@ -13,8 +13,9 @@ namespace {
 
 constexpr size_t LANES = 32;
 
-MC_HOT void lerp2_range(const Lerp2Job& job, uint64_t start, uint64_t end) {
+MC_HOT uint64_t lerp2_range(const Lerp2Job& job, uint64_t start, uint64_t end) {
   alignas(64) float a[TILE], b[TILE];
+  uint64_t nonfinite = 0;
   const float c0 = job.c0, c1 = job.c1;
   for (uint64_t s = start; s < end; s += TILE) {
     size_t cnt = static_cast<size_t>(end - s < TILE ? end - s : TILE);
@@ -22,7 +23,9 @@ MC_HOT void lerp2_range(const Lerp2Job& job, uint64_t start, uint64_t end) {
     load_f32(job.b.ptr, job.b.dtype, s, cnt, b);
     for (size_t t = 0; t < cnt; ++t) a[t] = c0 * a[t] + c1 * b[t];
     store_f32(job.out, job.out_dtype, s, cnt, a);
+    nonfinite += count_nonfinite(job.out, job.out_dtype, s, cnt);
   }
+  return nonfinite;
 }
 
 // Zero-pad a tile buffer from cnt up to the next multiple of LANES.
@@ -38,25 +41,38 @@ MC_INLINE double lanes_sum(const float* acc) {
   return s;
 }
 
-// One block [start, end) of a slerp pair: fp32 lane sums of a*a, b*b, a*b.
-MC_HOT void slerp_block(const SlerpPair& p, uint64_t start, uint64_t end, double* out3) {
-  alignas(64) float a[TILE], b[TILE];
-  alignas(64) float aa[LANES] = {}, bb[LANES] = {}, ab[LANES] = {};
-  for (uint64_t s = start; s < end; s += TILE) {
-    size_t cnt = static_cast<size_t>(end - s < TILE ? end - s : TILE);
-    load_f32(p.a.ptr, p.a.dtype, s, cnt, a);
-    load_f32(p.b.ptr, p.b.dtype, s, cnt, b);
-    size_t padded = pad_lanes(a, cnt);
-    pad_lanes(b, cnt);
-    for (size_t t = 0; t < padded; t += LANES) {
-      for (size_t l = 0; l < LANES; ++l) {
-        float x = a[t + l], y = b[t + l];
-        aa[l] += x * x;
-        bb[l] += y * y;
-        ab[l] += x * y;
-      }
+// One block [start, end) of a slerp pair: fp32 lane sums of a*a, b*b, a*b (element t of the
+// block goes to lane t % LANES; the tail is summed as if zero-padded).
+template <int AD, int BD>
+MC_INLINE void slerp_lanes(const void* pa, const void* pb, uint64_t start, uint64_t end,
+                           float* aa, float* bb, float* ab) {
+  uint64_t s = start;
+  for (; s + LANES <= end; s += LANES) {
+    for (size_t l = 0; l < LANES; ++l) {
+      const float x = ld<AD>(pa, s + l), y = ld<BD>(pb, s + l);
+      aa[l] += x * x;
+      bb[l] += y * y;
+      ab[l] += x * y;
     }
   }
+  for (size_t l = 0; s + l < end; ++l) {
+    const float x = ld<AD>(pa, s + l), y = ld<BD>(pb, s + l);
+    aa[l] += x * x;
+    bb[l] += y * y;
+    ab[l] += x * y;
+  }
+}
+
+MC_HOT void slerp_block(const SlerpPair& p, uint64_t start, uint64_t end, double* out3) {
+  alignas(64) float aa[LANES] = {}, bb[LANES] = {}, ab[LANES] = {};
+  with_dtype(p.a.dtype, [&](auto ad) MC_LAMBDA {
+    with_dtype(p.b.dtype, [&](auto bd) MC_LAMBDA {
+      constexpr int AD = decltype(ad)::value, BD = decltype(bd)::value;
+      if constexpr (AD != NONE && BD != NONE) {
+        slerp_lanes<AD, BD>(p.a.ptr, p.b.ptr, start, end, aa, bb, ab);
+      }
+    });
+  });
   out3[0] = lanes_sum(aa);
   out3[1] = lanes_sum(bb);
   out3[2] = lanes_sum(ab);
@@ -157,11 +173,14 @@ MC_HOT uint64_t nonfinite_range(const void* ptr, Bits exp_mask, uint64_t start, 
 
 }  // namespace
 
-void lerp2_many(const std::vector<Lerp2Job>& jobs) {
+std::vector<uint64_t> lerp2_many(const std::vector<Lerp2Job>& jobs) {
   std::vector<Item> items = make_items(sizes_of(jobs), TILE, 64 * TILE, 2048 * TILE);
+  std::vector<uint64_t> nonfinite(jobs.size(), 0);
   parallel_for(items.size(), [&](size_t i) {
-    lerp2_range(jobs[items[i].job], items[i].start, items[i].end);
+    const uint64_t c = lerp2_range(jobs[items[i].job], items[i].start, items[i].end);
+    __atomic_fetch_add(&nonfinite[items[i].job], c, __ATOMIC_RELAXED);
   });
+  return nonfinite;
 }
 
 std::vector<std::array<double, 3>> slerp_reduce_many(const std::vector<SlerpPair>& pairs) {

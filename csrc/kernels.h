@@ -62,8 +62,8 @@ struct CombineJob {
 // once to the output dtype (round-to-nearest-even); no FMA contraction (-ffp-contract=off), so
 // every instruction-set clone gives the same bits.
 
-// out = c0*a + c1*b
-void lerp2_many(const std::vector<Lerp2Job>& jobs);
+// out = c0*a + c1*b; returns each output's number of NaN/Inf values
+std::vector<uint64_t> lerp2_many(const std::vector<Lerp2Job>& jobs);
 // (sum a*a, sum b*b, sum a*b) per pair
 std::vector<std::array<double, 3>> slerp_reduce_many(const std::vector<SlerpPair>& pairs);
 // (L1(d), L1(d * keep)) per job
@@ -78,8 +78,11 @@ std::pair<uint64_t, uint64_t> select_tuning(uint64_t small_n, uint64_t grain);
 uint64_t select_bracket_min_n(uint64_t min_n);
 // Test hook: (jobs the bracket settled, jobs it missed and sent to the histogram path) so far.
 std::pair<uint64_t, uint64_t> select_bracket_stats();
-// the fused sum / elect combine
-void combine_many(const std::vector<CombineJob>& jobs);
+// the fused sum / elect combine; returns per job (NaN/Inf values of the output, NaN/Inf
+// deltas d_i over all models). Every NaN/Inf input gives a NaN/Inf delta, so a zero second
+// count proves the inputs finite.
+constexpr uint32_t NONFINITE_KEY = 0x7F800000u;  // smallest key of a NaN/Inf value
+std::vector<std::array<uint64_t, 2>> combine_many(const std::vector<CombineJob>& jobs);
 // Test hook: whether elect jobs with top/all masks take the fused one-loop path (the general
 // path gives the same bits). Returns the previous setting.
 bool combine_fused_elect(bool enabled);

@@ -78,7 +78,7 @@ mc::Mask parse_mask(const MaskTuple& t) {
 
 using Lerp2Tuple = std::tuple<uint64_t, int, uint64_t, int, uint64_t, int, uint64_t, double, double>;
 
-void lerp2_many(const std::vector<Lerp2Tuple>& in) {
+std::vector<uint64_t> lerp2_many(const std::vector<Lerp2Tuple>& in) {
   std::vector<mc::Lerp2Job> jobs;
   jobs.reserve(in.size());
   for (const auto& t : in) {
@@ -91,7 +91,7 @@ void lerp2_many(const std::vector<Lerp2Tuple>& in) {
                                 static_cast<float>(std::get<8>(t))});
   }
   py::gil_scoped_release release;
-  mc::lerp2_many(jobs);
+  return mc::lerp2_many(jobs);
 }
 
 using PairTuple = std::tuple<uint64_t, int, uint64_t, int, uint64_t>;
@@ -184,7 +184,7 @@ using CombineTuple =
     std::tuple<uint64_t, int, uint64_t, int, uint64_t, std::vector<std::tuple<uint64_t, int>>,
                std::vector<MaskTuple>, std::vector<double>, std::vector<double>, int, bool, double>;
 
-void combine_many(const std::vector<CombineTuple>& in) {
+std::vector<std::array<uint64_t, 2>> combine_many(const std::vector<CombineTuple>& in) {
   std::vector<mc::CombineJob> jobs;
   jobs.reserve(in.size());
   for (const auto& t : in) {
@@ -213,7 +213,7 @@ void combine_many(const std::vector<CombineTuple>& in) {
     jobs.push_back(std::move(job));
   }
   py::gil_scoped_release release;
-  mc::combine_many(jobs);
+  return mc::combine_many(jobs);
 }
 
 // ---- file IO ---------------------------------------------------------------------------------
@@ -259,13 +259,16 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = 0, py::arg("float16") = 1,
                                    py::arg("bfloat16") = 2);
   m.attr("HAS_OPENMP") = mc::has_openmp();
+  // bumped when a primitive's signature or result changes (mergecore/backends/cpu.py checks)
+  m.attr("INTERFACE_VERSION") = 2;
   m.def("get_num_threads", &mc::get_num_threads, "Threads used by the kernels.");
   m.def("set_num_threads", &mc::set_num_threads, py::arg("n"),
         "Set the threads used by the kernels (values < 1 mean 1).");
   m.def("default_num_threads", &mc::default_num_threads,
         "MERGECORE_NUM_THREADS if set to a positive integer, else the usable CPU count.");
   m.def("lerp2_many", &lerp2_many, py::arg("jobs"),
-        "jobs: [(out, out_dt, a, a_dt, b, b_dt, n, c0, c1)]; out = c0*a + c1*b.");
+        "jobs: [(out, out_dt, a, a_dt, b, b_dt, n, c0, c1)]; out = c0*a + c1*b. Returns each "
+        "output's number of NaN/Inf values.");
   m.def("slerp_reduce_many", &slerp_reduce_many, py::arg("pairs"),
         "pairs: [(a, a_dt, b, b_dt, n)] -> [(sum a*a, sum b*b, sum a*b)].");
   m.def("masked_l1_many", &masked_l1_many, py::arg("jobs"),
@@ -276,7 +279,7 @@ PYBIND11_MODULE(_C, m) {
         "tensors: [(x, x_dt, n)] -> [number of NaN/Inf values].");
   m.def("combine_many", &combine_many, py::arg("jobs"),
         "jobs: [(out, out_dt, base, base_dt, n, [(x, x_dt)], [mask], coefs, weights, mode, "
-        "normalize, lam)].");
+        "normalize, lam)]. Returns per job (NaN/Inf values of out, NaN/Inf deltas of all models).");
   m.def(
       "_select_tuning",
       [](uint64_t small_n, uint64_t grain) {

@@ -33,6 +33,7 @@ constexpr uint64_t SAMPLE_MAX = 1u << 18;
 constexpr uint64_t SAMPLE_DIVISOR = 256;  // S = n / SAMPLE_DIVISOR within [MIN, MAX]
 constexpr uint64_t RUN = 32;              // consecutive entries per sample run
 constexpr double SIGMAS = 5.0;
+constexpr size_t MAX_TEAM = 8;            // jobs sharing a base read per pass
 
 std::atomic<uint64_t> g_settled{0}, g_missed{0};
 
@@ -72,35 +73,45 @@ Bracket sample_bracket(const SelectJob& job, uint64_t k) {
   return br;
 }
 
-MC_HOT void bracket_pass(const SelectJob& job, uint64_t start, uint64_t end, Bracket br,
-                         ChunkResult& res) {
+// One tile's counts and inside entries of one job.
+MC_INLINE void tile_bracket(const uint32_t* key, size_t cnt, uint64_t offset, Bracket br,
+                            uint8_t* inside, ChunkResult& res) {
+  const uint32_t lo = br.lo, hi = br.hi;
+  uint32_t above = 0, at_hi = 0, at_lo = 0;
+  for (size_t t = 0; t < cnt; ++t) {
+    above += key[t] > hi;
+    at_hi += key[t] == hi;
+    at_lo += key[t] == lo;
+    inside[t] = (key[t] > lo) & (key[t] < hi);
+  }
+  res.above += above;
+  res.at_hi += at_hi;
+  res.at_lo += at_lo;
+  for (size_t t = cnt; t < ((cnt + 7) & ~size_t{7}); ++t) inside[t] = 0;
+  for (size_t t = 0; t < cnt; t += 8) {
+    uint64_t w;
+    std::memcpy(&w, inside + t, 8);
+    if (w == 0) continue;
+    for (size_t u = t; u < t + 8; ++u) {
+      if (inside[u]) {
+        res.key.push_back(key[u]);
+        res.pos.push_back(static_cast<uint32_t>(offset + u));
+      }
+    }
+  }
+}
+
+// The pass over [start, end) for a team of jobs sharing one base: tile by tile, every
+// member's keys, so each base tile is read from memory once and from L1 for the others.
+MC_HOT void bracket_pass(const SelectJob* const* team, const Bracket* brs, ChunkResult* const* res,
+                         size_t members, uint64_t start, uint64_t end) {
   alignas(64) uint32_t key[TILE];
   alignas(64) uint8_t inside[TILE + 8];
-  const uint32_t lo = br.lo, hi = br.hi;
   for (uint64_t s = start; s < end; s += TILE) {
     const size_t cnt = static_cast<size_t>(std::min<uint64_t>(TILE, end - s));
-    keys_tile(job, s, cnt, key);
-    uint32_t above = 0, at_hi = 0, at_lo = 0;
-    for (size_t t = 0; t < cnt; ++t) {
-      above += key[t] > hi;
-      at_hi += key[t] == hi;
-      at_lo += key[t] == lo;
-      inside[t] = (key[t] > lo) & (key[t] < hi);
-    }
-    res.above += above;
-    res.at_hi += at_hi;
-    res.at_lo += at_lo;
-    for (size_t t = cnt; t < ((cnt + 7) & ~size_t{7}); ++t) inside[t] = 0;
-    for (size_t t = 0; t < cnt; t += 8) {
-      uint64_t w;
-      std::memcpy(&w, inside + t, 8);
-      if (w == 0) continue;
-      for (size_t u = t; u < t + 8; ++u) {
-        if (inside[u]) {
-          res.key.push_back(key[u]);
-          res.pos.push_back(static_cast<uint32_t>(s + u - start));
-        }
-      }
+    for (size_t m = 0; m < members; ++m) {
+      keys_tile(*team[m], s, cnt, key);
+      tile_bracket(key, cnt, s - start, brs[m], inside, *res[m]);
     }
   }
 }
@@ -186,7 +197,7 @@ std::vector<char> select_bracketed(const std::vector<SelectJob>& jobs,
     const SelectJob& job = jobs[which[todo[t]]];
     brackets[t] = sample_bracket(job, job.ks[0]);
   });
-  std::vector<Item> items;
+  std::vector<Item> items;  // chunks of each job, job by job
   std::vector<size_t> first(todo.size() + 1);
   for (uint32_t t = 0; t < todo.size(); ++t) {
     const uint64_t n = jobs[which[todo[t]]].n;
@@ -195,10 +206,42 @@ std::vector<char> select_bracketed(const std::vector<SelectJob>& jobs,
     for (uint64_t s = 0; s < n; s += grain) items.push_back(Item{t, s, std::min(s + grain, n)});
   }
   first[todo.size()] = items.size();
+  // teams: runs of consecutive jobs with one base (the models of one TIES merge), which then
+  // have the same chunks
+  std::vector<std::pair<size_t, size_t>> teams;  // [begin, end) in todo
+  for (size_t t = 0; t < todo.size();) {
+    const SelectJob& lead = jobs[which[todo[t]]];
+    size_t e = t + 1;
+    while (e < todo.size() && e - t < MAX_TEAM) {
+      const SelectJob& job = jobs[which[todo[e]]];
+      if (lead.base.ptr == nullptr || job.base.ptr != lead.base.ptr ||
+          job.base.dtype != lead.base.dtype || job.n != lead.n) {
+        break;
+      }
+      ++e;
+    }
+    teams.emplace_back(t, e);
+    t = e;
+  }
+  std::vector<std::pair<size_t, size_t>> work;  // (team, chunk)
+  for (size_t g = 0; g < teams.size(); ++g) {
+    const size_t lead = teams[g].first;
+    for (size_t c = 0; c < first[lead + 1] - first[lead]; ++c) work.emplace_back(g, c);
+  }
   std::vector<ChunkResult> res(items.size());
-  parallel_for(items.size(), [&](size_t i) {
-    const uint32_t t = items[i].job;
-    bracket_pass(jobs[which[todo[t]]], items[i].start, items[i].end, brackets[t], res[i]);
+  parallel_for(work.size(), [&](size_t w) {
+    const auto [begin, end] = teams[work[w].first];
+    const size_t c = work[w].second;
+    const SelectJob* team[MAX_TEAM];
+    Bracket brs[MAX_TEAM];
+    ChunkResult* outs[MAX_TEAM];
+    for (size_t t = begin; t < end; ++t) {
+      team[t - begin] = &jobs[which[todo[t]]];
+      brs[t - begin] = brackets[t];
+      outs[t - begin] = &res[first[t] + c];
+    }
+    const Item& it = items[first[begin] + c];
+    bracket_pass(team, brs, outs, end - begin, it.start, it.end);
   });
   parallel_for(todo.size(), [&](size_t t) {
     const uint32_t j = which[todo[t]];

@@ -12,6 +12,7 @@ stream, so they are identical on every backend (see ``mergecore.backends.spec``)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -36,6 +37,18 @@ from mergecore.methods import (
     slerp_coefficients,
     sum_divisor,
 )
+
+
+@dataclass
+class NonFiniteCounts:
+    """NaN/Inf values a backend counted while computing one job (None: not counted).
+
+    ``output``: values of the stored output. ``deltas``: entries of the deltas
+    ``fl32(x_i) - fl32(base)`` (or of ``x_i`` without a base) over all models; a NaN/Inf in
+    any input gives a NaN/Inf delta, so 0 proves every input of the job finite."""
+
+    output: int | None = None
+    deltas: int | None = None
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -119,12 +132,15 @@ def allocate_outputs(jobs: Sequence[MergeJob]) -> list[torch.Tensor]:
 
 
 def merge_jobs(
-    prims: ModuleType, jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor] | None = None
+    prims: ModuleType, jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor] | None = None,
+    counts: list[NonFiniteCounts] | None = None,
 ) -> list[torch.Tensor]:
     """Compute every job's output with the primitives of backend module ``prims``.
 
     ``outs`` (optional) are preallocated contiguous outputs to write into, e.g. a writer's
-    buffer; every element is written.
+    buffer; every element is written. ``counts`` (optional, one per job) receives the NaN/Inf
+    counts of the backends whose kernels count them in the same pass (the C++ backend's
+    ``lerp2_many`` and ``combine_many`` return them; others return None).
     """
     outs = list(outs) if outs is not None else allocate_outputs(jobs)
 
@@ -143,7 +159,10 @@ def merge_jobs(
         for (k, job), (aa, bb, ab) in zip(slerps, sums):
             c0, c1 = slerp_coefficients(aa, bb, ab, job.t)
             lerps.append(Lerp2Job(_flat(outs[k]), _flat(job.base), _flat(job.xs[0]), c0, c1))
-        prims.lerp2_many(lerps)
+        bad = prims.lerp2_many(lerps)
+        if counts is not None and bad is not None:
+            for (k, _), out_bad in zip(slerps, bad):
+                counts[k].output = out_bad
 
     if merges:
         merge_list = [job for _, job in merges]
@@ -153,5 +172,8 @@ def merge_jobs(
             _combine_job(job, _flat(outs[k]), masks[m], factors[m])
             for m, (k, job) in enumerate(merges)
         ]
-        prims.combine_many(combines)
+        bad = prims.combine_many(combines)
+        if counts is not None and bad is not None:
+            for (k, _), (out_bad, delta_bad) in zip(merges, bad):
+                counts[k].output, counts[k].deltas = out_bad, delta_bad
     return outs

@@ -35,7 +35,7 @@ DISPATCH_TABLE: dict[tuple[str, str], str] = {
 _loaded: dict[str, object] = {}
 _warned: set[str] = set()
 
-MergeFn = Callable[..., list[torch.Tensor]]  # (jobs, outs=None) -> outputs
+MergeFn = Callable[..., list[torch.Tensor]]  # (jobs, outs=None, counts=None) -> outputs
 
 
 def forced_backend() -> str | None:
@@ -92,4 +92,4 @@ def implementation(name: str) -> MergeFn:
         return reference.merge_jobs
     from mergecore import composed
 
-    return lambda jobs, outs=None: composed.merge_jobs(module, jobs, outs)
+    return lambda jobs, outs=None, counts=None: composed.merge_jobs(module, jobs, outs, counts)

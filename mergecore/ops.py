@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mergecore import dispatch
+from mergecore.composed import NonFiniteCounts
 from mergecore.dtypes import parse_dtype
 from mergecore.errors import MergeError, NonFiniteError
 from mergecore.methods import METHODS, MergeJob
@@ -139,15 +140,21 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
             for c, t in zip(counts, tensors)]
 
 
-def _check_finite(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor]) -> None:
+def _check_finite(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor],
+                  known: Sequence[NonFiniteCounts]) -> None:
     """Raise NonFiniteError when an output or an input holds NaN/Inf, naming the input.
 
-    Outputs are always counted. Inputs are counted where the output is not finite, and
+    Outputs are always checked. Inputs are checked where the output is not finite, and
     always for the sparsifying methods (TIES, DARE, breadcrumbs): they can drop a NaN/Inf
     delta entry (trimmed, randomly dropped, or outvoted in the sign election) and still give
-    a finite output, which would hide a corrupt input."""
-    for job, out, bad_out in zip(jobs, outs, nonfinite_counts(outs)):
-        if bad_out == 0 and job.traits.sparsify is None:
+    a finite output, which would hide a corrupt input. ``known`` holds what the kernels
+    already counted in their own pass (the C++ backend counts outputs and deltas); only the
+    rest is counted here, with one extra pass."""
+    unknown = [k for k, c in enumerate(known) if c.output is None]
+    counted = dict(zip(unknown, nonfinite_counts([outs[k] for k in unknown])))
+    for k, (job, facts) in enumerate(zip(jobs, known)):
+        bad_out = facts.output if facts.output is not None else counted[k]
+        if bad_out == 0 and (job.traits.sparsify is None or facts.deltas == 0):
             continue
         inputs = ([("base", job.base)] if job.base is not None else []) + [
             (f"model {i}", x) for i, x in enumerate(job.xs)
@@ -183,13 +190,15 @@ def merge_many(
         name = backend or dispatch.backend_name(job.method, ref.device, ref.dtype)
         groups[name].append(k)
     results: list[torch.Tensor | None] = [None] * len(jobs)
+    known = [NonFiniteCounts() for _ in jobs]
     for name, indices in groups.items():
         given = [outs[k] for k in indices] if outs is not None else None
-        computed = dispatch.implementation(name)([jobs[k] for k in indices], given)
+        counts = [known[k] for k in indices]
+        computed = dispatch.implementation(name)([jobs[k] for k in indices], given, counts)
         for k, out in zip(indices, computed):
             results[k] = out
     if check_finite:
-        _check_finite(jobs, results)
+        _check_finite(jobs, results, known)
     return results  # type: ignore[return-value]
 
 

@@ -191,3 +191,75 @@ def test_fused_elect_output_dtypes(dt_out):
                      False)
     cpu.combine_many([job])
     check_combine(job)
+
+
+# ----- NaN/Inf counted in the kernels' own pass ------------------------------------------------
+
+
+def _with_specials(t: torch.Tensor, where: list[int]) -> torch.Tensor:
+    t = t.clone()
+    for k, i in enumerate(where):
+        t[i] = (float("nan"), float("inf"), -float("inf"))[k % 3]
+    return t
+
+
+def _true_counts(job: CombineJob) -> tuple[int, int]:
+    b = torch.zeros(job.out.numel()) if job.base is None else job.base.float()
+    deltas = sum(int((~torch.isfinite(x.float() - b)).sum()) for x in job.xs)
+    return int((~torch.isfinite(job.out.float())).sum()), deltas
+
+
+@pytest.mark.parametrize("masks", [("top", "all"), ("top", "all", "top"), ("band", "random"),
+                                   ("all", "all")], ids=["fused2", "fused3", "general", "sum"])
+@pytest.mark.parametrize("dt", DTYPES, ids=DT_IDS)
+def test_combine_counts_nonfinite_outputs_and_deltas(masks, dt):
+    from tests.test_cpu_primitives import _combine_job
+
+    mode = "sum" if masks == ("all", "all") else "elect"
+    n = 30_011
+    job = _combine_job(n, dt, dt, len(masks), mode, False, masks)
+    assert cpu.combine_many([job]) == [_true_counts(job)] == [(0, 0)]
+    job.xs[0].copy_(_with_specials(job.xs[0], [5, 20_000]))
+    job.base.copy_(_with_specials(job.base, [7]))
+    job.out.fill_(float("nan"))
+    (got,) = cpu.combine_many([job])
+    want = _true_counts(job)
+    assert got == want and want[1] >= 3 + len(masks) - 1
+
+
+def test_combine_counts_a_finite_overflow_of_the_output_dtype():
+    """Finite fp32 inputs whose merge exceeds fp16's range: the stored fp16 output is Inf."""
+    base = torch.zeros(4097)
+    x = torch.full((4097,), 40_000.0)
+    out = poisoned(4097, torch.float16)
+    job = CombineJob(out, base, [x, x], [KeepAll(), KeepAll()], [1.0, 1.0], [1.0, 1.0], "sum",
+                     False, 1.0)
+    assert cpu.combine_many([job]) == [(4097, 0)]
+
+
+def test_lerp2_counts_nonfinite_outputs():
+    from mergecore.backends.spec import Lerp2Job
+
+    a = rand(70_001, torch.bfloat16)
+    b = _with_specials(rand(70_001, torch.bfloat16), [3, 60_000])
+    out = poisoned(70_001, torch.bfloat16)
+    assert cpu.lerp2_many([Lerp2Job(out, a, b, 0.25, 0.75)]) == [2]
+
+
+def test_merge_jobs_reports_the_kernels_counts():
+    """composed.merge_jobs hands the C++ counts to its caller, so ops skips its own pass."""
+    from mergecore import composed
+    from mergecore.ops import make_job
+
+    base = rand(50_000, torch.bfloat16)
+    xs = [near(base) for _ in range(2)]
+    bad = _with_specials(xs[1], [11])
+    jobs = [make_job("ties", base, xs, weights=[1, 1], densities=[0.5, 0.5], name="good"),
+            make_job("ties", base, [xs[0], bad], weights=[1, 1], densities=[0.5, 0.5],
+                     name="bad"),
+            make_job("slerp", base, [xs[0]], t=0.3, name="s")]
+    counts = [composed.NonFiniteCounts() for _ in jobs]
+    composed.merge_jobs(cpu, jobs, None, counts)
+    assert (counts[0].output, counts[0].deltas) == (0, 0)
+    assert counts[1].deltas == 1
+    assert (counts[2].output, counts[2].deltas) == (0, None)

@@ -62,7 +62,10 @@ _REQUIRED = (
     "pread_into",
     "pwrite_from",
 )
+_INTERFACE_VERSION = 2  # csrc/module.cpp's INTERFACE_VERSION this module speaks
 _missing = [name for name in _REQUIRED if not hasattr(_C, name)]
+if getattr(_C, "INTERFACE_VERSION", 1) != _INTERFACE_VERSION:
+    _missing.append(f"INTERFACE_VERSION {_INTERFACE_VERSION}")
 if _missing:  # pragma: no cover - a stale build
     raise ImportError(
         f"mergecore._C at {getattr(_C, '__file__', '?')} is out of date (missing "
@@ -202,8 +205,10 @@ def count_nonfinite_many(tensors: Sequence[torch.Tensor]) -> list[int]:
     return list(_C.count_nonfinite_many(encoded))
 
 
-def lerp2_many(jobs: Sequence[Lerp2Job]) -> None:
-    """For each job: ``out = c0*a + c1*b`` (fp32 arithmetic, coefficients rounded to fp32)."""
+def lerp2_many(jobs: Sequence[Lerp2Job]) -> list[int]:
+    """For each job: ``out = c0*a + c1*b`` (fp32 arithmetic, coefficients rounded to fp32).
+
+    Returns each output's number of NaN/Inf values, counted as its tiles are stored."""
     encoded = []
     for j, job in enumerate(jobs):
         job = _as(Lerp2Job, job)
@@ -212,7 +217,7 @@ def lerp2_many(jobs: Sequence[Lerp2Job]) -> None:
         ap, ac = _operand(job.a, f"lerp2_many job {j}: a", n)
         bp, bc = _operand(job.b, f"lerp2_many job {j}: b", n)
         encoded.append((op, oc, ap, ac, bp, bc, n, float(job.c0), float(job.c1)))
-    _C.lerp2_many(encoded)
+    return list(_C.lerp2_many(encoded))
 
 
 def select_top_many(jobs: Sequence[SelectJob]) -> list[list[TopSet]]:
@@ -252,13 +257,16 @@ def masked_l1_many(jobs: Sequence[L1Job]) -> list[tuple[float, float]]:
 _MODES = {"sum": 0, "elect": 1}
 
 
-def combine_many(jobs: Sequence[CombineJob]) -> None:
+def combine_many(jobs: Sequence[CombineJob]) -> list[tuple[int, int]]:
     """For each job, the fused ``sum`` / ``elect`` combine of ``mergecore.backends.spec``.
 
     ``d_i = fl32(x_i) - fl32(base)``, ``wd_i = coefs[i] * d_i`` where ``masks[i]`` keeps the
     entry, else 0; ``sum``: ``out = base + sum_i wd_i``; ``elect``: sign election on
     ``S = sum_i wd_i``, ``num``/``den`` over the agreeing models, ``out = base + lam * merged``.
     Sums run over the models in order, in fp32. ``out`` may be the same tensor as an input.
+    Returns per job ``(NaN/Inf values of out, NaN/Inf deltas d_i over all models)``, counted
+    during the same pass. A NaN/Inf in an input always gives a NaN/Inf delta, so a zero second
+    count proves every input of the job finite.
     """
     encoded = []
     for j, job in enumerate(jobs):
@@ -282,7 +290,7 @@ def combine_many(jobs: Sequence[CombineJob]) -> None:
             [float(c) for c in job.coefs], [float(w) for w in job.weights],
             _MODES[job.mode], bool(job.normalize), float(job.lam),
         ))
-    _C.combine_many(encoded)
+    return [(int(o), int(d)) for o, d in _C.combine_many(encoded)]
 
 
 # ----- single forms -----------------------------------------------------------------------

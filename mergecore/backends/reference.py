@@ -133,11 +133,13 @@ def _merge_one(job: MergeJob) -> torch.Tensor:
 
 
 def merge_jobs(
-    jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor] | None = None
+    jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor] | None = None, counts=None
 ) -> list[torch.Tensor]:
     """Compute every job's output (float64 math, one rounding to ``job.out_dtype``).
 
     With ``outs``, results are copied into those preallocated tensors and returned.
+    ``counts`` is accepted for the dispatcher's signature and left as given: this backend
+    counts no NaN/Inf values (the caller counts them).
     """
     results = [_merge_one(job) for job in jobs]
     if outs is None:

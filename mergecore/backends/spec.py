@@ -66,6 +66,11 @@ region (not a Python loop of launches): ``slerp_reduce_many(pairs)``, ``lerp2_ma
 ``combine_many(jobs)``, ``select_top_many(jobs)``, ``masked_l1_many(jobs)``, each job being the
 argument tuple of the single form (see ``CombineJob`` etc. below). A backend may implement the
 single form by calling the batched one with one job.
+
+NaN/Inf counts (optional): ``lerp2_many`` may return, per job, the number of NaN/Inf values it
+stored in ``out``; ``combine_many`` may return per job ``(NaN/Inf values stored in out, NaN/Inf
+deltas d_i over all models)``, both counted in the same pass. A backend that returns None
+leaves the check to the caller (``mergecore.ops`` then counts with one extra pass).
 """
 
 from __future__ import annotations
