@@ -2,7 +2,8 @@
 //
 // The histogram path (select.cpp) reads every key twice and scatters each into a 32768-bin
 // table. Here a small sample locates the threshold first:
-//   sample   S keys, taken as runs of RUN consecutive entries spread evenly over the job;
+//   sample   S keys, taken as runs of RUN consecutive entries, one at a pseudo-random offset
+//            in each of S / RUN equal strides of the job;
 //            with p = k / n, r = floor(p S) and d = SIGMAS sqrt(S p (1 - p)) + RUN, the
 //            sample's (r - d)-th and (r + d)-th largest keys are the bracket [lo, hi];
 //   pass     per chunk: how many keys are > hi, == hi and == lo, and the (key, index) of
@@ -18,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "items.h"
@@ -31,21 +33,43 @@ namespace {
 constexpr uint64_t SAMPLE_MIN = 8192;
 constexpr uint64_t SAMPLE_MAX = 1u << 18;
 constexpr uint64_t SAMPLE_DIVISOR = 256;  // S = n / SAMPLE_DIVISOR within [MIN, MAX]
-constexpr uint64_t RUN = 32;              // consecutive entries per sample run
-constexpr double SIGMAS = 5.0;
+constexpr uint64_t RUN = 8;               // consecutive entries per sample run
+constexpr double SIGMAS = 4.0;
 constexpr size_t MAX_TEAM = 8;            // jobs sharing a base read per pass
 
 std::atomic<uint64_t> g_settled{0}, g_missed{0};
 
 struct Bracket {
-  uint32_t lo, hi;  // lo <= hi; hi == 0xFFFFFFFF: nothing above
+  uint32_t lo, hi;         // lo <= hi; hi == 0xFFFFFFFF: nothing above
+  double inside_fraction;  // expected share of keys strictly inside (lo, hi)
+};
+
+// A growable array that leaves new elements uninitialized (no page is touched before use).
+struct U32Buffer {
+  std::unique_ptr<uint32_t[]> data;
+  size_t capacity = 0;
+  void grow_to(size_t cap, size_t keep) {
+    if (cap <= capacity) return;
+    std::unique_ptr<uint32_t[]> bigger(new uint32_t[cap]);
+    if (keep) std::memcpy(bigger.get(), data.get(), keep * sizeof(uint32_t));
+    data = std::move(bigger);
+    capacity = cap;
+  }
 };
 
 struct ChunkResult {
   uint64_t above = 0, at_hi = 0, at_lo = 0;
-  std::vector<uint32_t> key;  // keys strictly inside (lo, hi), index order
-  std::vector<uint32_t> pos;  // their indices relative to the chunk start
+  size_t inside = 0;  // entries strictly inside (lo, hi):
+  U32Buffer key;      // their keys in index order (the first `inside` entries)
+  U32Buffer pos;      // their indices relative to the chunk start
 };
+
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
 
 Bracket sample_bracket(const SelectJob& job, uint64_t k) {
   const uint64_t n = job.n;
@@ -53,16 +77,19 @@ Bracket sample_bracket(const SelectJob& job, uint64_t k) {
   const uint64_t runs = s / RUN;
   s = runs * RUN;
   std::vector<uint32_t> keys(s);
-  const uint64_t stride = n / runs;  // >= RUN: callers pass n >= 4 S
+  // one run at a pseudo-random offset inside each stride: a fixed offset would sample the
+  // same columns of every row of a weight matrix, and real weights have column structure
+  const uint64_t stride = n / runs;  // >= 4 RUN: callers pass n >= 4 S
   for (uint64_t r = 0; r < runs; ++r) {
-    keys_tile(job, r * stride + (stride - RUN) / 2, RUN, keys.data() + r * RUN);
+    const uint64_t offset = splitmix64(r) % (stride - RUN + 1);
+    keys_tile(job, r * stride + offset, RUN, keys.data() + r * RUN);
   }
   const double p = static_cast<double>(k) / static_cast<double>(n);
   const double sd = std::sqrt(static_cast<double>(s) * p * (1.0 - p));
   const int64_t d = static_cast<int64_t>(SIGMAS * sd) + static_cast<int64_t>(RUN);
   const int64_t r = static_cast<int64_t>(p * static_cast<double>(s));
   const int64_t hi_rank = r - d, lo_rank = r + d;  // 0-based, descending
-  Bracket br{0, 0xFFFFFFFFu};
+  Bracket br{0, 0xFFFFFFFFu, static_cast<double>(2 * d + 1) / static_cast<double>(s)};
   auto desc_nth = [&](int64_t rank) {  // the rank-th largest sample key
     auto it = keys.begin() + (static_cast<int64_t>(s) - 1 - rank);
     std::nth_element(keys.begin(), it, keys.end());
@@ -88,17 +115,25 @@ MC_INLINE void tile_bracket(const uint32_t* key, size_t cnt, uint64_t offset, Br
   res.at_hi += at_hi;
   res.at_lo += at_lo;
   for (size_t t = cnt; t < ((cnt + 7) & ~size_t{7}); ++t) inside[t] = 0;
+  if (res.key.capacity < res.inside + cnt) {  // room for a whole tile: the copy below is blind
+    const size_t cap = std::max(res.key.capacity * 2, res.inside + cnt);
+    res.key.grow_to(cap, res.inside);
+    res.pos.grow_to(cap, res.inside);
+  }
+  uint32_t* kout = res.key.data.get() + res.inside;
+  uint32_t* pout = res.pos.data.get() + res.inside;
+  size_t m = 0;
   for (size_t t = 0; t < cnt; t += 8) {
     uint64_t w;
     std::memcpy(&w, inside + t, 8);
     if (w == 0) continue;
-    for (size_t u = t; u < t + 8; ++u) {
-      if (inside[u]) {
-        res.key.push_back(key[u]);
-        res.pos.push_back(static_cast<uint32_t>(offset + u));
-      }
+    for (size_t u = t; u < t + 8; ++u) {  // branch-free compaction
+      kout[m] = key[u];
+      pout[m] = static_cast<uint32_t>(offset + u);
+      m += inside[u];
     }
   }
+  res.inside += m;
 }
 
 // The pass over [start, end) for a team of jobs sharing one base: tile by tile, every
@@ -138,7 +173,7 @@ bool resolve(const SelectJob& job, uint64_t k, Bracket br, const std::vector<Ite
     above += res[i].above;
     at_hi += res[i].at_hi;
     at_lo += res[i].at_lo;
-    inside += res[i].key.size();
+    inside += res[i].inside;
   }
   if (br.lo == br.hi) at_lo = 0;  // the same entries: count them once
   if (k <= above) return false;
@@ -151,7 +186,9 @@ bool resolve(const SelectJob& job, uint64_t k, Bracket br, const std::vector<Ite
   if (need <= inside) {
     std::vector<uint32_t> keys;
     keys.reserve(inside);
-    for (size_t i = first; i < last; ++i) keys.insert(keys.end(), res[i].key.begin(), res[i].key.end());
+    for (size_t i = first; i < last; ++i) {
+      keys.insert(keys.end(), res[i].key.data.get(), res[i].key.data.get() + res[i].inside);
+    }
     // every key inside shares the bits above the highest bit in which lo and hi differ
     const int varying = 32 - __builtin_clz(br.lo ^ br.hi);
     std::vector<uint32_t> kbuf, ibuf;
@@ -162,11 +199,11 @@ bool resolve(const SelectJob& job, uint64_t k, Bracket br, const std::vector<Ite
     }
     uint64_t p = local.cutoff - 1;  // position of the last kept entry equal to T
     for (size_t i = first; i < last; ++i) {
-      if (p < res[i].pos.size()) {
-        out = TopSet{local.threshold, items[i].start + res[i].pos[p] + 1};
+      if (p < res[i].inside) {
+        out = TopSet{local.threshold, items[i].start + res[i].pos.data[p] + 1};
         return true;
       }
-      p -= res[i].pos.size();
+      p -= res[i].inside;
     }
     return false;  // unreachable
   }
@@ -230,6 +267,14 @@ std::vector<char> select_bracketed(const std::vector<SelectJob>& jobs,
   }
   std::vector<ChunkResult> res(items.size());
   parallel_for(work.size(), [&](size_t w) {
+    // sized for 1.5x the expected inside entries (grown if the chunk holds more)
+    for (size_t t = teams[work[w].first].first; t < teams[work[w].first].second; ++t) {
+      const Item& it = items[first[t] + work[w].second];
+      const size_t want = static_cast<size_t>(1.5 * brackets[t].inside_fraction *
+                                              static_cast<double>(it.end - it.start)) + TILE;
+      res[first[t] + work[w].second].key.grow_to(want, 0);
+      res[first[t] + work[w].second].pos.grow_to(want, 0);
+    }
     const auto [begin, end] = teams[work[w].first];
     const size_t c = work[w].second;
     const SelectJob* team[MAX_TEAM];

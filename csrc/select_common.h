@@ -11,7 +11,7 @@
 
 namespace mc {
 
-inline void keys_tile(const SelectJob& job, uint64_t start, size_t count, uint32_t* key) {
+MC_INLINE void keys_tile(const SelectJob& job, uint64_t start, size_t count, uint32_t* key) {
   load_keys(job.x, job.base, start, count, key);
 }
 

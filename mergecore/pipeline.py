@@ -3,14 +3,17 @@
 Three stages run at once, connected by queues and bounded by one ``ByteBudget``:
 
 - a reader thread walks the plan in order and reads each output tensor's inputs (each
-  distinct input tensor once) into fresh host buffers with positional reads; on CUDA it
-  also starts the host-to-device copies on a copy stream;
+  distinct input tensor once) into host buffers with positional reads; on CUDA it also
+  starts the host-to-device copies on a copy stream;
 - the calling thread computes: it groups consecutive small tensors into one batched
   kernel call (``mergecore.merge_many``), so norms and biases cost one call per group;
 - a writer thread puts each output's bytes at its final offset in its shard.
 
 Every byte in flight (inputs read and not yet merged, outputs not yet written) is counted
 against the budget, so peak memory is set by ``max_memory``, not by the model's size.
+Host buffers (inputs, CPU outputs, the D2H staging of CUDA outputs) come from one
+``BufferPool`` and go back to it once consumed, so the same pages serve tensor after tensor
+instead of being faulted in (and, on CUDA, pinned) afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from mergecore.budget import ByteBudget
+from mergecore.buffer_pool import BufferPool
 from mergecore.dtypes import parse_dtype
 from mergecore.errors import NonFiniteError
 from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
@@ -77,6 +81,7 @@ class _Item:
     ready: Any = None  # CUDA event when inputs were copied on a side stream
     lora: Any = None  # per input, its LoRA update (None: unchanged), or None for none
     extra_bytes: int = 0  # budget held for the LoRA updates
+    pooled: list[torch.Tensor] = field(default_factory=list)  # buffers taken from the pool
 
 
 def _item_bytes(planned) -> tuple[int, int]:
@@ -123,6 +128,9 @@ class MergePipeline:
         self.options = options
         self.device = torch.device(options.device)
         self.budget = ByteBudget(options.max_memory)
+        # in-flight bytes are bounded by the budget; the pool may keep up to the budget's size
+        # again of free buffers for reuse
+        self.pool = BufferPool(options.max_memory, pin_memory=self.device.type == "cuda")
         self.stats = PipelineStats()
         self._to_compute: queue.Queue = queue.Queue()
         self._to_write: queue.Queue = queue.Queue()
@@ -147,13 +155,13 @@ class MergePipeline:
             for inp in planned.inputs:
                 key = (str(inp.info.file), inp.info.data_start)
                 if key not in buffers:
-                    buf = torch.empty(inp.info.nbytes, dtype=torch.uint8,
-                                      pin_memory=self._cuda)
-                    self.reader.read_into(inp.info, buf)
+                    buf = self.pool.take(inp.info.nbytes)
                     buffers[key] = buf
+                    self.reader.read_into(inp.info, buf)
                     self.stats.bytes_read += inp.info.nbytes
                 inputs.append(_as_tensor(buffers[key], inp.info, inp.rows))
-            item = _Item(planned, inputs, in_bytes, out_bytes, extra_bytes=extra)
+            item = _Item(planned, inputs, in_bytes, out_bytes, extra_bytes=extra,
+                         pooled=list(buffers.values()))
             if self._adapters is not None:
                 item.lora = self._adapters.updates(planned)
                 self.stats.bytes_read += sum(u.nbytes for u in item.lora or () if u)
@@ -178,13 +186,15 @@ class MergePipeline:
             entry = self._to_write.get()
             if entry is _DONE:
                 return
-            name, out, event, nbytes = entry
+            name, out, event, nbytes, recycle = entry
             if event is not None:  # waiting for the GPU is not write time
                 event.synchronize()
             start = time.perf_counter()
             self.writer.write(name, out)
             self.stats.bytes_written += out.numel() * out.element_size()
             self.stats.write_busy += time.perf_counter() - start
+            for buf in recycle:
+                self.pool.give(buf)
             self.budget.release(nbytes)
 
     # ----- stage 2: compute ---------------------------------------------------------------
@@ -244,8 +254,13 @@ class MergePipeline:
                 jobs.append(self._job(item))
                 job_items.append(k)
         if jobs:
+            given = None
+            if not self._cuda:
+                given = [self._pooled_output(job) for job in jobs]
+                for k, out in zip(job_items, given):
+                    items[k].pooled.append(out)
             try:
-                outs = merge_many(jobs)
+                outs = merge_many(jobs, outs=given)
             except NonFiniteError as exc:
                 raise _locate_non_finite(exc, [items[k] for k in job_items]) from None
             for k, out in zip(job_items, outs):
@@ -260,10 +275,14 @@ class MergePipeline:
             writes = results[k]
             if isinstance(writes, torch.Tensor):
                 writes = [(item.planned.name, writes, item.out_bytes)]
+            # a pooled buffer goes back once nothing queued for writing lives in it: with the
+            # last write that uses it (the writer runs its queue in order), else right now
+            by_storage = {b.untyped_storage().data_ptr(): b for b in item.pooled}
+            queued = []
             for key, out, nbytes in writes:
                 event = None
                 if self._cuda:
-                    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    host = self._pooled_like(out)
                     stream = torch.cuda.current_stream(self.device)
                     began = self._d2h.begin(stream)
                     host.copy_(out, non_blocking=True)
@@ -271,12 +290,36 @@ class MergePipeline:
                     event = torch.cuda.Event()
                     event.record(stream)
                     out = host
-                self._to_write.put((key, out, event, nbytes))
+                    by_storage[host.untyped_storage().data_ptr()] = host
+                queued.append((key, out, event, nbytes, []))
+            for ptr, buf in by_storage.items():
+                users = [e for e in queued if e[1].untyped_storage().data_ptr() == ptr]
+                if users:
+                    users[-1][4].append(buf)
+                else:
+                    self.pool.give(buf)
+            for entry in queued:
+                self._to_write.put(entry)
             self.budget.release(item.in_bytes + item.extra_bytes)
             if self.options.progress is not None:
                 self.options.progress(item.in_bytes)
             self.stats.tensors += 1
         self.stats.compute_busy += time.perf_counter() - start
+
+    def _pooled_output(self, job) -> torch.Tensor:
+        """An output tensor for ``job`` (its out dtype, its inputs' shape) in a pooled buffer."""
+        ref = job.base if job.base is not None else job.xs[0]
+        return self._pooled_tensor(ref.shape, job.out_dtype)
+
+    def _pooled_like(self, t: torch.Tensor) -> torch.Tensor:
+        return self._pooled_tensor(t.shape, t.dtype)
+
+    def _pooled_tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        return self.pool.take(nbytes).view(dtype).reshape(shape)
 
     def _compute_all(self) -> None:
         pending: _Item | None = None
@@ -329,6 +372,8 @@ class MergePipeline:
                 raise err
         self.stats.wall = time.perf_counter() - start
         self.stats.peak_budget_bytes = self.budget.peak
+        self.stats.extra.update(pool_allocations=self.pool.allocations,
+                                pool_reuses=self.pool.reuses)
         if self._cuda:  # GPU-side copy times (the host clocks above only see launches)
             self.stats.extra.update(h2d_busy=self._h2d.seconds(), h2d_bytes=self._h2d.bytes,
                                     d2h_busy=self._d2h.seconds(), d2h_bytes=self._d2h.bytes)

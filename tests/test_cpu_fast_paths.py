@@ -101,17 +101,34 @@ def test_bracket_threshold_on_a_frequent_key(chunk, bracket_limit, grain):
         assert settled == 1, f"k={k}: the bracket should hold on this data"
 
 
+def _sampled_positions(n: int) -> torch.Tensor:
+    """The entries the bracket's sample reads (mirrors sample_bracket in
+    csrc/select_bracket.cpp: S = clamp(n / 256, 8192, 2**18) keys in runs of 8, one run at
+    splitmix64(r) % (stride - 7) inside each stride)."""
+    mask64 = (1 << 64) - 1
+
+    def splitmix64(x: int) -> int:
+        x = (x + 0x9E3779B97F4A7C15) & mask64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask64
+        return x ^ (x >> 31)
+
+    runs = min(max(n // 256, 8192), 1 << 18) // 8
+    stride = n // runs
+    starts = [r * stride + splitmix64(r) % (stride - 8 + 1) for r in range(runs)]
+    return (torch.tensor(starts)[:, None] + torch.arange(8)[None, :]).flatten()
+
+
 def test_bracket_miss_falls_back_exactly(bracket_limit):
-    """Deltas that the sample cannot see (large ones only between the sampled runs): the
-    bracket misses, the histogram path answers, and the result is still exact."""
+    """Large deltas everywhere except where the sample looks: the bracket misses, the
+    histogram path answers, and the result is still exact."""
     bracket_limit(0)
     n = 1 << 20
     base = torch.zeros(n)
-    x = torch.full((n,), 1e-3)
-    big = torch.arange(n) % 4096 < 1024  # sampled runs sit in the middle of each stride
-    x[big] = 1.0 + torch.rand(int(big.sum()))
+    x = 1.0 + torch.rand(n)
+    x[_sampled_positions(n)] = 1e-3 * torch.rand(8192)
     keys = keys_of(base, x)
-    k = int(big.sum()) // 2
+    k = n // 2
     top, (settled, missed) = _stats_delta(lambda: _select_one(base, x, k))
     assert missed == 1 and settled == 0
     assert top == ref_topset(keys, k)
