@@ -169,8 +169,8 @@ MC_INLINE void store_f32(void* dst, int dtype, size_t start, size_t count, const
 
 // NaN/Inf values (exponent field all ones) among elements [start, start + count) of a
 // (dtype, pointer) tensor: used to check a tile just stored, while it is in L1.
-MC_INLINE uint32_t count_nonfinite(const void* p, int dtype, size_t start, size_t count) {
-  uint32_t c = 0;
+MC_INLINE uint64_t count_nonfinite(const void* p, int dtype, size_t start, size_t count) {
+  uint64_t c = 0;
   if (dtype == F32) {
     const uint32_t* u = static_cast<const uint32_t*>(p) + start;
     for (size_t t = 0; t < count; ++t) c += (u[t] & 0x7F800000u) == 0x7F800000u;

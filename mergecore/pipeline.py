@@ -292,6 +292,8 @@ class MergePipeline:
                     out = host
                     by_storage[host.untyped_storage().data_ptr()] = host
                 queued.append((key, out, event, nbytes, []))
+            if item.ready is not None:  # the pinned inputs' H2D copies must be done first
+                item.ready.synchronize()
             for ptr, buf in by_storage.items():
                 users = [e for e in queued if e[1].untyped_storage().data_ptr() == ptr]
                 if users:
