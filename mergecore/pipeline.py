@@ -128,8 +128,8 @@ class MergePipeline:
         self.options = options
         self.device = torch.device(options.device)
         self.budget = ByteBudget(options.max_memory)
-        # in-flight bytes are bounded by the budget; the pool may keep up to the budget's size
-        # again of free buffers for reuse
+        # the pool keeps its buffers (free or in use) within the budget's size; it exceeds that
+        # only while the budget itself lets one oversized tensor through
         self.pool = BufferPool(options.max_memory, pin_memory=self.device.type == "cuda")
         self.stats = PipelineStats()
         self._to_compute: queue.Queue = queue.Queue()
