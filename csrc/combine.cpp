@@ -13,8 +13,6 @@
 #include <atomic>
 #include <vector>
 
-#include "masks.h"
-
 #include "items.h"
 #include "kernels.h"
 
@@ -100,14 +98,15 @@ std::atomic<bool> g_fused_elect{true};
 template <int XD, bool HAS_BASE, int M>
 MC_INLINE uint32_t elect_fused_tile(const CombineJob& job, uint64_t s, size_t cnt, float* out) {
   const void* xp[M];
-  uint32_t thr[M], lim[M];
+  TileMask tm[M];  // every mask as a KEEP_TOP tile mask
   float coef[M], weight[M];
   for (int i = 0; i < M; ++i) {
     const Mask& mk = job.masks[i];
     xp[i] = job.xs[i].ptr;
     const bool all = mk.kind == KEEP_ALL;
-    thr[i] = all ? 0u : mk.upper.threshold;
-    lim[i] = all ? static_cast<uint32_t>(cnt) : index_limit(mk.upper.cutoff, s, cnt);
+    tm[i] = TileMask{all ? 0u : mk.upper.threshold,
+                     all ? static_cast<uint32_t>(cnt) : index_limit(mk.upper.cutoff, s, cnt), 0, 0,
+                     0, nullptr};
     coef[i] = job.coefs[i];
     weight[i] = job.weights[i];
   }
@@ -122,8 +121,7 @@ MC_INLINE uint32_t elect_fused_tile(const CombineJob& job, uint64_t s, size_t cn
       const float d = ld<XD>(xp[i], s + t) - b;
       const uint32_t key = f32_bits(d) & 0x7FFFFFFFu;
       bad += key >= NONFINITE_KEY;
-      const bool keep = (key > thr[i]) | ((key == thr[i]) & (static_cast<uint32_t>(t) < lim[i]));
-      w[i] = keep ? coef[i] * d : 0.0f;
+      w[i] = kept<KEEP_TOP>(tm[i], key, static_cast<uint32_t>(t)) ? coef[i] * d : 0.0f;
     }
     // the elected sign as +1 / -1: w agrees iff w * sign > 0 (exact: a sign flip)
     float sign;

@@ -320,7 +320,7 @@ class MergePipeline:
         n = 1
         for s in shape:
             n *= s
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * dtype.itemsize
         return self.pool.take(nbytes).view(dtype).reshape(shape)
 
     def _compute_all(self) -> None:

@@ -42,3 +42,18 @@ def keep_thread_settings():
     else:
         os.environ["MERGECORE_NUM_THREADS"] = env
     cpu.set_num_threads(threads)
+
+
+@pytest.fixture
+def select_tuning():
+    """Run the C++ select_top with other small-job limits / chunk sizes (exercises every
+    path); the defaults come back afterwards."""
+    cpu = pytest.importorskip("mergecore.backends.cpu", reason="mergecore._C is not built")
+    before = cpu._C._select_tuning(1 << 16, 0)
+    cpu._C._select_tuning(*before)
+
+    def setter(small_n: int, grain: int) -> None:
+        cpu._C._select_tuning(small_n, grain)
+
+    yield setter
+    cpu._C._select_tuning(*before)

@@ -40,18 +40,6 @@ def bracket_limit():
     _C._select_bracket_min_n(before)
 
 
-@pytest.fixture
-def grain():
-    before = _C._select_tuning(1 << 16, 0)
-    _C._select_tuning(*before)
-
-    def setter(g: int) -> None:
-        _C._select_tuning(before[0], g)
-
-    yield setter
-    _C._select_tuning(*before)
-
-
 def _select_one(base, x, k):
     return cpu.select_top_many([SelectJob(base, x, [k])])[0][0]
 
@@ -83,11 +71,11 @@ def test_bracket_gives_the_canonical_topset(n, dt, dup, bracket_limit):
 
 
 @pytest.mark.parametrize("chunk", [512, 4096, 0])
-def test_bracket_threshold_on_a_frequent_key(chunk, bracket_limit, grain):
+def test_bracket_threshold_on_a_frequent_key(chunk, bracket_limit, select_tuning):
     """Most deltas are exactly zero or one value: the threshold is a bracket end held by many
     entries, located through the per-chunk counts (chunk boundaries anywhere)."""
     bracket_limit(0)
-    grain(chunk)
+    select_tuning(1 << 16, chunk)
     n = 200_003
     base = torch.zeros(n)
     x = torch.zeros(n)

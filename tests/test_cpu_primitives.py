@@ -154,19 +154,6 @@ def threads():
     cpu.set_num_threads(before)
 
 
-@pytest.fixture
-def select_tuning():
-    """Run select_top with other small-job limits / chunk sizes (exercises every path)."""
-    before = _C._select_tuning(1 << 16, 0)
-    _C._select_tuning(*before)
-
-    def setter(small_n: int, grain: int) -> None:
-        _C._select_tuning(small_n, grain)
-
-    yield setter
-    _C._select_tuning(*before)
-
-
 # ----- conversions ---------------------------------------------------------------------------
 
 
