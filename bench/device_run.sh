@@ -17,7 +17,7 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 setup.py build_ext --inplace -q > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$OUT/device.txt" || true
+echo "commit ${MERGECORE_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee -a "$OUT/device.txt"
 steps=${*:-tests kernels e2e}
 for step in $steps; do
   case $step in

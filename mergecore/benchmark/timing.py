@@ -15,7 +15,13 @@ import torch
 
 
 def git_commit() -> str:
-    """Short hash of the checkout mergecore runs from ("unknown" for an installed wheel)."""
+    """Short hash of the checkout mergecore runs from ("unknown" for an installed wheel).
+
+    ``MERGECORE_GIT_REV`` wins when set: a copy of the tree without its ``.git`` (the lent GPU
+    machine gets one) still records which commit it measured.
+    """
+    if os.environ.get("MERGECORE_GIT_REV"):
+        return os.environ["MERGECORE_GIT_REV"]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
