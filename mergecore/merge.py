@@ -81,13 +81,14 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _check_output(plan, out_dir: Path, options: MergeOptions, shards, fingerprint: str,
-                  tokenizer_source: Path | None) -> ResumeState:
-    """Every output-side problem at once (``OutputCheckError``); what ``--resume`` keeps."""
+def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str, *,
+                 input_dirs: set[Path], tokenizer_source: Path | None) -> ResumeState:
+    """Every output-side problem at once (``OutputCheckError``): the directory (empty unless
+    --overwrite/--resume, writable, none of ``input_dirs``), what ``--resume`` keeps (verified
+    against the manifest, whose fingerprint must be ``fingerprint``) and the free space."""
     problems = preflight.directory_problems(out_dir, overwrite=options.overwrite,
                                             resume=options.resume)
-    input_dirs = {Path(i.info.file).parent for t in plan.tensors for i in t.inputs}
-    input_dirs |= {tokenizer_source} if tokenizer_source is not None else set()
+    input_dirs = input_dirs | ({tokenizer_source} if tokenizer_source is not None else set())
     problems += preflight.input_overlap_problems(out_dir, input_dirs)
     state = ResumeState()
     if options.resume and not problems:
@@ -103,6 +104,27 @@ def _check_output(plan, out_dir: Path, options: MergeOptions, shards, fingerprin
     if problems:
         raise preflight.OutputCheckError(out_dir, problems)
     return state
+
+
+def prepare_output(out_dir: Path, options: MergeOptions, shards, state: ResumeState) -> None:
+    """Make ``out_dir`` ready for the writer: with --resume keep the verified shards (and say
+    so), else an empty directory (--overwrite empties an existing one)."""
+    if options.resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_resume_dir(out_dir, shards, state)
+        if not options.quiet:
+            print(state.summary(len(shards.shards)), file=sys.stderr)
+    else:
+        _prepare_out_dir(out_dir, options.overwrite)
+
+
+def remaining_tensors(tensors: list, shards, completed: dict[str, str | None]) -> list:
+    """The work items whose output tensor is not in one of the ``completed`` shards."""
+    if not completed:
+        return list(tensors)
+    done = {name for spec in shards.shards if spec.filename in completed
+            for name, _, _ in spec.entries}
+    return [t for t in tensors if t.name not in done]
 
 
 class _Progress:
@@ -171,14 +193,11 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors]
     shards = plan_shards(entries, options.out_shard_size)
     completed = dict(resume.completed) if resume is not None else {}
+    work = plan
     if completed:
-        done = {name for spec in shards.shards if spec.filename in completed
-                for name, _, _ in spec.entries}
-        todo = [t for t in plan.tensors if t.name not in done]
+        todo = remaining_tensors(plan.tensors, shards, completed)
         work = dataclasses.replace(plan, tensors=todo, total_input_bytes=sum(
             _item_bytes(t)[0] for t in todo))
-    else:
-        work = plan
     progress = _Progress(work.total_input_bytes, options.quiet)
     pipe_options = PipelineOptions(device=options.device, max_memory=options.max_memory,
                                    random_seed=options.random_seed, progress=progress)
@@ -253,15 +272,11 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                                    random_seed=options.random_seed, device=options.device)
     if options.dry_run:
         print(describe_plan(plan, options, verbose=options.verbose))
-    state = _check_output(plan, out_dir, options, shards, fingerprint, source)
+    input_dirs = {Path(i.info.file).parent for t in plan.tensors for i in t.inputs}
+    state = check_output(out_dir, options, shards, fingerprint, input_dirs=input_dirs,
+                         tokenizer_source=source)
     if options.dry_run:
         return MergeResult(out_dir, [], PipelineStats(), plan)
-    if options.resume:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        prepare_resume_dir(out_dir, shards, state)
-        if not options.quiet:
-            print(state.summary(len(shards.shards)), file=sys.stderr)
-    else:
-        _prepare_out_dir(out_dir, options.overwrite)
+    prepare_output(out_dir, options, shards, state)
     return run_plan(plan, out_dir, options, yaml_text=yaml_text, tokenizer_source=source,
                     fingerprint=fingerprint, resume=state)

@@ -48,7 +48,7 @@ def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int 
         for inp in t.inputs:
             path = resolved.get(inp.info.file)
             if path is None:
-                path = resolved[inp.info.file] = str(Path(inp.info.file).resolve())
+                path = resolved[inp.info.file] = _file_key(inp.info.file)
             if path not in files:
                 try:
                     st = os.stat(path)
@@ -74,6 +74,31 @@ def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int 
     }
     text = json.dumps(doc, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def recipe_fingerprint(recipe: Any, *, out_shard_size: int | None,
+                       random_seed: int | None, device: str = "cpu") -> str:
+    """sha256 (hex) of a multi-stage recipe: every stage's ``plan_fingerprint`` (its tensors,
+    parameters, inputs and their file stats; a stage used as a model appears by name) in
+    dependency order, with the final output's shard size."""
+    stages = [[s.title, plan_fingerprint(s.plan, out_shard_size=None, device=device,
+                                         random_seed=s.plan.random_seed or random_seed)]
+              for s in recipe.stages]
+    text = json.dumps({"stages": stages, "out_shard_size": out_shard_size},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_key(file: Any) -> str:
+    """An input file as the fingerprint names it: its absolute path, or for the virtual
+    checkpoint of a recipe stage (``<mergecore-stage>/name``) that name as it is, so the
+    fingerprint does not depend on the working directory."""
+    from mergecore.recipes.graph import STAGE_FILE_ROOT
+
+    path = Path(file)
+    if path.parts[:1] == STAGE_FILE_ROOT.parts:
+        return str(path)
+    return str(path.resolve())
 
 
 def _dir_stats(directory: str) -> list:

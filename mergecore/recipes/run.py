@@ -5,28 +5,43 @@ plan every stage and fuse the graphs (all problems listed at once); prepare the 
 directories; stream every fused tensor through the pipeline (each input tensor read once,
 intermediate tensors only in memory); write the side files and finalize. With
 ``--keep-intermediates DIR`` each stage's model is also written to ``DIR/<name>`` in the
-normal output layout, from the same pass. On an error every output is removed.
+normal output layout, from the same pass.
+
+Faults as for a single merge: the final output carries a manifest with the recipe's
+fingerprint (``mergecore.resume.recipe_fingerprint``), an interruption or OS error keeps its
+completed shards, and ``--resume`` verifies them and merges only the tensors of the other
+shards (each of them again through the whole fused graph). Any other error removes
+everything; kept intermediates are always removed on an error (``--resume`` and
+``--keep-intermediates`` exclude each other).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import yaml
 
+from mergecore import faults, preflight
+from mergecore.config.errors import ConfigError
 from mergecore.heap import release_freed_memory_promptly
+from mergecore.interrupt import handle_termination, keeps_progress
 from mergecore.io import StreamingWriter, TensorReader, plan_shards
 from mergecore.merge import (
     MergeOptions,
     MergeResult,
     _prepare_out_dir,
     _Progress,
+    check_output,
     describe_plan,
+    prepare_output,
+    remaining_tensors,
     write_side_files,
 )
 from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats
 from mergecore.recipes.graph import RecipePlan, Stage, load_recipe
+from mergecore.resume import FINGERPRINT_KEY, recipe_fingerprint
 from mergecore.units import human_bytes
 
 
@@ -89,49 +104,82 @@ def _writer(out_dir: Path, plan, options: MergeOptions) -> StreamingWriter:
     return StreamingWriter(out_dir, plan_shards(entries, options.out_shard_size))
 
 
+def _input_dirs(recipe: RecipePlan) -> set[Path]:
+    """The directories of every original input file (the output may not be one of them)."""
+    return {Path(i.info.file).parent for t in recipe.tensors for i in t.inputs}
+
+
 def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                options: MergeOptions | None = None) -> MergeResult:
     """Plan and run a multi-stage recipe into ``out_dir`` (see the module docstring)."""
     options = options or MergeOptions()
-    if options.resume:
-        raise ValueError("--resume is not supported for multi-stage recipes yet; rerun the "
-                         "recipe with --overwrite")
     out_dir = Path(out_dir)
     text = Path(config_path).read_text(encoding="utf-8")
     keep = Path(options.keep_intermediates) if options.keep_intermediates else None
-    recipe = load_recipe(config_path, random_seed=options.random_seed,
-                         allow_crimes=options.allow_crimes, keep_intermediates=keep is not None)
+    if options.resume and keep is not None:
+        raise ValueError("--resume cannot be combined with --keep-intermediates (an interrupted "
+                         "run keeps no intermediate model); resume without it, or rerun with "
+                         "--overwrite")
+    try:
+        recipe = load_recipe(config_path, random_seed=options.random_seed,
+                             allow_crimes=options.allow_crimes,
+                             keep_intermediates=keep is not None)
+    except ConfigError as exc:  # list the output directory's problems with the recipe's
+        extra = preflight.directory_problems(out_dir, overwrite=options.overwrite,
+                                             resume=options.resume)
+        raise ConfigError(exc.problems + extra, source=exc.source) from None
+    by_name = {s.name: s for s in recipe.stages if s.name is not None}
+    source = _tokenizer_dir(recipe.final, by_name)
+    entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in recipe.final.plan.tensors]
+    shards = plan_shards(entries, options.out_shard_size)
+    fingerprint = recipe_fingerprint(recipe, out_shard_size=options.out_shard_size,
+                                     random_seed=options.random_seed, device=options.device)
     if options.dry_run:
         print(describe_recipe(recipe, options, verbose=options.verbose))
+    state = check_output(out_dir, options, shards, fingerprint, input_dirs=_input_dirs(recipe),
+                         tokenizer_source=source)
+    if options.dry_run:
         return MergeResult(out_dir, [], PipelineStats(), recipe)
     if options.num_threads:
         os.environ["MERGECORE_NUM_THREADS"] = str(options.num_threads)
     release_freed_memory_promptly()  # keeps the resident size near the budget
     inter = recipe.stages[:-1] if keep is not None else []
-    for d in [out_dir, *(keep / s.title for s in inter)]:
+    for d in (keep / s.title for s in inter):
         _prepare_out_dir(d, options.overwrite)
+    prepare_output(out_dir, options, shards, state)
+    work = recipe
+    if state.completed:
+        work = dataclasses.replace(recipe, tensors=remaining_tensors(recipe.tensors, shards,
+                                                                     state.completed))
     docs = list(yaml.safe_load_all(text))
-    by_name = {s.name: s for s in recipe.stages if s.name is not None}
-    progress = _Progress(recipe.total_input_bytes, options.quiet)
+    progress = _Progress(work.total_input_bytes, options.quiet)
     writers = {s.title: _writer(keep / s.title, s.plan, options) for s in inter}
-    router = RoutingWriter(_writer(out_dir, recipe.final.plan, options), writers)
     pipe_options = PipelineOptions(device=options.device, max_memory=options.max_memory,
                                    random_seed=options.random_seed, progress=progress)
+    final = None
     try:
-        with TensorReader(nthreads=2, drop_cache=True) as reader:
-            try:
-                stats = MergePipeline(recipe, reader, router, pipe_options).run()
-                for s in inter:
-                    write_side_files(keep / s.title, s.plan, options,
-                                     yaml_text=yaml.safe_dump(docs[s.index], sort_keys=False),
-                                     tokenizer_source=_tokenizer_dir(s, by_name))
-                    writers[s.title].finalize()
-                write_side_files(out_dir, recipe.final.plan, options, yaml_text=text,
-                                 tokenizer_source=_tokenizer_dir(recipe.final, by_name))
-                files = router.final.finalize()
-            except BaseException:
-                router.abort()
-                raise
+        with TensorReader(nthreads=2, drop_cache=True) as reader, handle_termination():
+            final = StreamingWriter(out_dir, shards, manifest_extra={FINGERPRINT_KEY: fingerprint},
+                                    completed=state.completed, keep_complete_on_os_error=True)
+            router = RoutingWriter(faults.wrap_writer(final), writers)
+            stats = MergePipeline(work, reader, router, pipe_options).run()
+            for s in inter:
+                write_side_files(keep / s.title, s.plan, options,
+                                 yaml_text=yaml.safe_dump(docs[s.index], sort_keys=False),
+                                 tokenizer_source=_tokenizer_dir(s, by_name))
+                writers[s.title].finalize()
+            write_side_files(out_dir, recipe.final.plan, options, yaml_text=text,
+                             tokenizer_source=source)
+            files = final.finalize()
+    except BaseException as exc:
+        for w in writers.values():  # no-op once finalized
+            w.abort()
+        if final is not None:
+            if keeps_progress(exc) and not writers:
+                final.suspend()  # keep complete shards and the manifest for --resume
+            else:
+                final.abort()
+        raise
     finally:
         progress.close()
     stats.extra["stages"] = len(recipe.stages)
