@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from mergecore.heap import release_freed_memory_promptly
 from mergecore.interrupt import handle_termination, keeps_progress
 from mergecore.io import StreamingWriter, TensorReader, plan_shards, tokenizer_files
 from mergecore.io.types import SAFETENSORS_DTYPES
+from mergecore.out_lock import OutputLock, busy_message, empty_directory
 from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats, _item_bytes
 from mergecore.resume import (
     FINGERPRINT_KEY,
@@ -77,15 +77,19 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(
                 f"output directory {str(out_dir)!r} is not empty; pass --overwrite to replace it"
             )
-        shutil.rmtree(out_dir)
+        empty_directory(out_dir)  # in place: a lock on the directory stays valid
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str, *,
-                 input_dirs: set[Path], tokenizer_source: Path | None) -> ResumeState:
-    """Every output-side problem at once (``OutputCheckError``): the directory (empty unless
-    --overwrite/--resume, writable, none of ``input_dirs``), what ``--resume`` keeps (verified
+                 input_dirs: set[Path], tokenizer_source: Path | None,
+                 lock: OutputLock | None = None) -> ResumeState:
+    """Every output-side problem at once (``OutputCheckError``): the directory (not being
+    written by another merge: ``lock`` is taken when it exists; empty unless
+    --overwrite/--resume; writable; none of ``input_dirs``), what ``--resume`` keeps (verified
     against the manifest, whose fingerprint must be ``fingerprint``) and the free space."""
+    if lock is not None and lock.busy():
+        raise preflight.OutputCheckError(out_dir, [busy_message(out_dir)])
     problems = preflight.directory_problems(out_dir, overwrite=options.overwrite,
                                             resume=options.resume)
     input_dirs = input_dirs | ({tokenizer_source} if tokenizer_source is not None else set())
@@ -106,16 +110,23 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
     return state
 
 
-def prepare_output(out_dir: Path, options: MergeOptions, shards, state: ResumeState) -> None:
+def prepare_output(out_dir: Path, options: MergeOptions, shards, state: ResumeState,
+                   lock: OutputLock | None = None) -> None:
     """Make ``out_dir`` ready for the writer: with --resume keep the verified shards (and say
-    so), else an empty directory (--overwrite empties an existing one)."""
+    so), else an empty directory (--overwrite empties an existing one). ``lock`` is taken on a
+    directory created here (a merge that created it at the same moment wins, the other stops)."""
     if options.resume:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None and not lock.acquire():
+            raise FileExistsError(busy_message(out_dir))
         prepare_resume_dir(out_dir, shards, state)
         if not options.quiet:
             print(state.summary(len(shards.shards)), file=sys.stderr)
-    else:
-        _prepare_out_dir(out_dir, options.overwrite)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if lock is not None and not lock.acquire():
+        raise FileExistsError(busy_message(out_dir))
+    _prepare_out_dir(out_dir, options.overwrite)
 
 
 def remaining_tensors(tensors: list, shards, completed: dict[str, str | None]) -> list:
@@ -273,10 +284,11 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     if options.dry_run:
         print(describe_plan(plan, options, verbose=options.verbose))
     input_dirs = {Path(i.info.file).parent for t in plan.tensors for i in t.inputs}
-    state = check_output(out_dir, options, shards, fingerprint, input_dirs=input_dirs,
-                         tokenizer_source=source)
-    if options.dry_run:
-        return MergeResult(out_dir, [], PipelineStats(), plan)
-    prepare_output(out_dir, options, shards, state)
-    return run_plan(plan, out_dir, options, yaml_text=yaml_text, tokenizer_source=source,
-                    fingerprint=fingerprint, resume=state)
+    with OutputLock(out_dir) as lock:  # held until the output is finalized or abandoned
+        state = check_output(out_dir, options, shards, fingerprint, input_dirs=input_dirs,
+                             tokenizer_source=source, lock=lock)
+        if options.dry_run:
+            return MergeResult(out_dir, [], PipelineStats(), plan)
+        prepare_output(out_dir, options, shards, state, lock)
+        return run_plan(plan, out_dir, options, yaml_text=yaml_text, tokenizer_source=source,
+                        fingerprint=fingerprint, resume=state)

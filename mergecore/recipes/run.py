@@ -39,6 +39,7 @@ from mergecore.merge import (
     remaining_tensors,
     write_side_files,
 )
+from mergecore.out_lock import OutputLock
 from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats
 from mergecore.recipes.graph import RecipePlan, Stage, load_recipe
 from mergecore.resume import FINGERPRINT_KEY, recipe_fingerprint
@@ -134,10 +135,20 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     shards = plan_shards(entries, options.out_shard_size)
     fingerprint = recipe_fingerprint(recipe, out_shard_size=options.out_shard_size,
                                      random_seed=options.random_seed, device=options.device)
+    with OutputLock(out_dir) as lock:  # held until the output is finalized or abandoned
+        return _run_locked(recipe, out_dir, options, lock, text=text, keep=keep,
+                           shards=shards, fingerprint=fingerprint, source=source,
+                           by_name=by_name)
+
+
+def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: OutputLock, *,
+                text: str, keep: Path | None, shards, fingerprint: str, source: Path | None,
+                by_name: dict[str, Stage]) -> MergeResult:
+    """The output side of ``run_recipe``: checks, then the fused pass (``lock`` held)."""
     if options.dry_run:
         print(describe_recipe(recipe, options, verbose=options.verbose))
     state = check_output(out_dir, options, shards, fingerprint, input_dirs=_input_dirs(recipe),
-                         tokenizer_source=source)
+                         tokenizer_source=source, lock=lock)
     if options.dry_run:
         return MergeResult(out_dir, [], PipelineStats(), recipe)
     if options.num_threads:
@@ -146,7 +157,7 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     inter = recipe.stages[:-1] if keep is not None else []
     for d in (keep / s.title for s in inter):
         _prepare_out_dir(d, options.overwrite)
-    prepare_output(out_dir, options, shards, state)
+    prepare_output(out_dir, options, shards, state, lock)
     work = recipe
     if state.completed:
         work = dataclasses.replace(recipe, tensors=remaining_tensors(recipe.tensors, shards,
