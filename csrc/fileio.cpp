@@ -59,6 +59,48 @@ IoOutcome pread_into(int fd, uint64_t file_offset, uint64_t nbytes, void* dst, i
   return total;
 }
 
+IoOutcome pread_direct_into(int direct_fd, int fd, uint64_t file_offset, uint64_t nbytes,
+                            void* dst, int nthreads, uint64_t align) {
+  char* out = static_cast<char*>(dst);
+  const uint64_t begin = (file_offset + align - 1) / align * align;  // first aligned byte
+  const uint64_t end = (file_offset + nbytes) / align * align;       // last aligned end
+  const bool congruent = (reinterpret_cast<uintptr_t>(out) - file_offset) % align == 0;
+  if (!congruent || direct_fd < 0 || end <= begin) return pread_into(fd, file_offset, nbytes, out, nthreads);
+  // the partial pages at both ends through the page cache (a few KiB)
+  IoOutcome head = read_piece(fd, file_offset, begin - file_offset, out);
+  if (head.error != 0 || head.bytes < begin - file_offset) return head;
+  const uint64_t inner = end - begin;
+  char* inner_dst = out + (begin - file_offset);
+  uint64_t pieces = std::max<uint64_t>(1, inner / PREAD_SPLIT_MIN);
+  pieces = std::min<uint64_t>(pieces, static_cast<uint64_t>(std::max(1, nthreads)));
+  const uint64_t step = (inner / pieces + PIECE_ALIGN - 1) / PIECE_ALIGN * PIECE_ALIGN;
+  std::vector<uint64_t> starts;
+  for (uint64_t s = 0; s < inner; s += step) starts.push_back(s);
+  std::vector<IoOutcome> results(starts.size());
+  auto piece = [&](size_t p) {
+    const uint64_t len = std::min(step, inner - starts[p]);
+    IoOutcome r = read_piece(direct_fd, begin + starts[p], len, inner_dst + starts[p]);
+    if (r.error == EINVAL) {  // this file system refuses O_DIRECT here: the page cache then
+      IoOutcome rest = read_piece(fd, begin + starts[p] + r.bytes, len - r.bytes,
+                                  inner_dst + starts[p] + r.bytes);
+      r = IoOutcome{r.bytes + rest.bytes, rest.error};
+    }
+    results[p] = r;
+  };
+  std::vector<std::thread> threads;
+  for (size_t p = 1; p < starts.size(); ++p) threads.emplace_back(piece, p);
+  piece(0);
+  for (auto& t : threads) t.join();
+  IoOutcome total{head.bytes, 0};
+  for (size_t p = 0; p < starts.size(); ++p) {
+    if (results[p].error != 0) return IoOutcome{total.bytes + results[p].bytes, results[p].error};
+    total.bytes += results[p].bytes;
+    if (results[p].bytes < std::min(step, inner - starts[p])) return total;  // end of file
+  }
+  IoOutcome tail = read_piece(fd, end, file_offset + nbytes - end, out + (end - file_offset));
+  return IoOutcome{total.bytes + tail.bytes, tail.error};
+}
+
 IoOutcome pwrite_from(int fd, uint64_t file_offset, uint64_t nbytes, const void* src) {
   const char* in = static_cast<const char*>(src);
   uint64_t done = 0;

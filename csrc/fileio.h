@@ -15,6 +15,15 @@ struct IoOutcome {
 // stops early (bytes < nbytes, error 0).
 IoOutcome pread_into(int fd, uint64_t file_offset, uint64_t nbytes, void* dst, int nthreads);
 
+// pread_into through an O_DIRECT descriptor (direct_fd) of the same file as fd: the
+// align-aligned interior of the range goes from the device straight into dst (no page cache:
+// no kernel copy, no cached pages to drop) and the partial pages at both ends through fd.
+// Only when dst and file_offset are congruent modulo align (the caller places its buffer so);
+// otherwise, or for a range within one page, or with direct_fd < 0, it is pread_into(fd).
+// A piece the file system refuses (EINVAL) is read through fd instead.
+IoOutcome pread_direct_into(int direct_fd, int fd, uint64_t file_offset, uint64_t nbytes,
+                            void* dst, int nthreads, uint64_t align);
+
 // Write src[0, nbytes) to fd at file_offset with pwrite (EINTR and short writes retried).
 IoOutcome pwrite_from(int fd, uint64_t file_offset, uint64_t nbytes, const void* src);
 

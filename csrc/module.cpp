@@ -235,6 +235,27 @@ uint64_t pread_into(int fd, int64_t file_offset, int64_t nbytes, uint64_t dst_ad
   return r.bytes;
 }
 
+uint64_t pread_direct_into(int direct_fd, int fd, int64_t file_offset, int64_t nbytes,
+                           uint64_t dst_addr, int nthreads, int64_t align) {
+  if (file_offset < 0 || nbytes < 0) throw std::invalid_argument("pread_direct_into: negative offset or size");
+  if (nbytes > 0 && dst_addr == 0) throw std::invalid_argument("pread_direct_into: null destination");
+  if (align <= 0 || (align & (align - 1)) != 0) throw std::invalid_argument("pread_direct_into: align must be a power of two");
+  mc::IoOutcome r;
+  {
+    py::gil_scoped_release release;
+    r = mc::pread_direct_into(direct_fd, fd, static_cast<uint64_t>(file_offset),
+                              static_cast<uint64_t>(nbytes),
+                              reinterpret_cast<void*>(static_cast<uintptr_t>(dst_addr)), nthreads,
+                              static_cast<uint64_t>(align));
+  }
+  if (r.error != 0) {
+    raise_os_error(r.error, "direct pread of " + std::to_string(nbytes) + " bytes at offset " +
+                                std::to_string(file_offset) + " of fd " + std::to_string(fd) +
+                                " failed after " + std::to_string(r.bytes) + " bytes");
+  }
+  return r.bytes;
+}
+
 uint64_t pwrite_from(int fd, int64_t file_offset, int64_t nbytes, uint64_t src_addr) {
   if (file_offset < 0 || nbytes < 0) throw std::invalid_argument("pwrite_from: negative offset or size");
   if (nbytes > 0 && src_addr == 0) throw std::invalid_argument("pwrite_from: null source");
@@ -318,6 +339,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dst_addr"), py::arg("nthreads") = 1,
         "Read nbytes at file_offset of fd into dst_addr (threads split large reads); returns "
         "the bytes read (fewer only at end of file); OSError on failure.");
+  m.def("pread_direct_into", &pread_direct_into, py::arg("direct_fd"), py::arg("fd"),
+        py::arg("file_offset"), py::arg("nbytes"), py::arg("dst_addr"), py::arg("nthreads") = 1,
+        py::arg("align") = 4096,
+        "pread_into with the align-aligned interior read through direct_fd (O_DIRECT) when dst "
+        "and file_offset are congruent modulo align; returns the bytes read");
   m.def("pwrite_from", &pwrite_from, py::arg("fd"), py::arg("file_offset"), py::arg("nbytes"),
         py::arg("src_addr"),
         "Write nbytes from src_addr at file_offset of fd; returns nbytes; OSError on failure.");

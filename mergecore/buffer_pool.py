@@ -42,10 +42,25 @@ class BufferPool:
         self.allocations = 0  # buffers made (a measure of reuse: few means good reuse)
         self.reuses = 0
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int, *, phase: int | None = None, align: int = 4096
+             ) -> torch.Tensor:
         """A buffer of exactly ``nbytes`` bytes (a view of a pooled buffer); give it back
-        with :meth:`give` when its bytes are no longer needed."""
-        nbytes = int(nbytes)
+        with :meth:`give` when its bytes are no longer needed.
+
+        ``phase``: the view starts at an address congruent to ``phase`` modulo ``align``
+        (``TensorReader.direct_phase``: a buffer placed so that an ``O_DIRECT`` read lands
+        in it without a copy); the pooled buffer is then ``align`` bytes larger."""
+        if phase is None:
+            return self._take(int(nbytes))
+        base = self._take(int(nbytes) + align)
+        skip = (phase - base.data_ptr()) % align
+        view = base[skip: skip + int(nbytes)]
+        if skip:
+            with self._lock:
+                self._in_use[view.data_ptr()] = self._in_use.pop(base.data_ptr())
+        return view
+
+    def _take(self, nbytes: int) -> torch.Tensor:
         size = max(self.granule, -(-nbytes // self.granule) * self.granule)
         largest = max(size, nbytes * self.fit)
         with self._lock:
@@ -56,7 +71,7 @@ class BufferPool:
                     best = (ptr, buf)
             if best is not None:
                 del self._free[best[0]]
-                self._in_use[best[0]] = best[1]
+                self._in_use[best[0]] = best[1]  # keyed by the view's first byte
                 self.reuses += 1
                 return best[1][:nbytes]
             while self._free and self.total + size > self.capacity:
@@ -70,14 +85,13 @@ class BufferPool:
         return buf[:nbytes]
 
     def give(self, view: torch.Tensor) -> None:
-        """Return a buffer that :meth:`take` handed out (any view starting at its first
-        byte); giving back something else is an error."""
-        ptr = view.data_ptr()
+        """Return a buffer that :meth:`take` handed out (any view starting at the first byte
+        of what it handed out); giving back something else is an error."""
         with self._lock:
-            buf = self._in_use.pop(ptr, None)
+            buf = self._in_use.pop(view.data_ptr(), None)
             if buf is None:
                 raise ValueError("BufferPool.give: not a buffer taken from this pool")
-            self._free[ptr] = buf
+            self._free[buf.data_ptr()] = buf
 
     def owns(self, view: torch.Tensor) -> bool:
         """True when ``view`` starts at a buffer of this pool that is in use."""

@@ -79,8 +79,7 @@ class FaultyWriter:
         there is no /dev/full)."""
         writer = self._writer
         filling = {writer.plan.shard_index(n) for n in writer.missing()}
-        fds = [fd for fd in (writer.shards[k].fileno() for k in sorted(filling))
-               if fd is not None]
+        fds = [fd for k in sorted(filling) for fd in writer.shards[k].filenos()]
         if not fds or not os.path.exists("/dev/full"):
             return False
         full = os.open("/dev/full", os.O_WRONLY)

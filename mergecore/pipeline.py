@@ -155,7 +155,8 @@ class MergePipeline:
             for inp in planned.inputs:
                 key = (str(inp.info.file), inp.info.data_start)
                 if key not in buffers:
-                    buf = self.pool.take(inp.info.nbytes)
+                    buf = self.pool.take(inp.info.nbytes,
+                                         phase=self.reader.direct_phase(inp.info))
                     buffers[key] = buf
                     self.reader.read_into(inp.info, buf)
                     self.stats.bytes_read += inp.info.nbytes
@@ -282,7 +283,7 @@ class MergePipeline:
             for key, out, nbytes in writes:
                 event = None
                 if self._cuda:
-                    host = self._pooled_like(out)
+                    host = self._pooled_tensor(out.shape, out.dtype, self._write_phase(key))
                     stream = torch.cuda.current_stream(self.device)
                     began = self._d2h.begin(stream)
                     host.copy_(out, non_blocking=True)
@@ -309,19 +310,23 @@ class MergePipeline:
         self.stats.compute_busy += time.perf_counter() - start
 
     def _pooled_output(self, job) -> torch.Tensor:
-        """An output tensor for ``job`` (its out dtype, its inputs' shape) in a pooled buffer."""
+        """An output tensor for ``job`` (its out dtype, its inputs' shape) in a pooled buffer,
+        placed for a direct write when the writer can do one."""
         ref = job.base if job.base is not None else job.xs[0]
-        return self._pooled_tensor(ref.shape, job.out_dtype)
+        return self._pooled_tensor(ref.shape, job.out_dtype, self._write_phase(job.name))
 
-    def _pooled_like(self, t: torch.Tensor) -> torch.Tensor:
-        return self._pooled_tensor(t.shape, t.dtype)
+    def _write_phase(self, key) -> int | None:
+        """The writer's wish for where tensor ``key``'s bytes sit (``direct_phase``)."""
+        phase = getattr(self.writer, "direct_phase", None)
+        return phase(key) if phase is not None else None
 
-    def _pooled_tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
+    def _pooled_tensor(self, shape, dtype: torch.dtype, phase: int | None = None
+                       ) -> torch.Tensor:
         n = 1
         for s in shape:
             n *= s
         nbytes = n * dtype.itemsize
-        return self.pool.take(nbytes).view(dtype).reshape(shape)
+        return self.pool.take(nbytes, phase=phase).view(dtype).reshape(shape)
 
     def _compute_all(self) -> None:
         pending: _Item | None = None

@@ -50,6 +50,21 @@ def test_free_buffers_are_dropped_to_stay_within_capacity():
     assert d.numel() == 3 << 20
 
 
+@pytest.mark.parametrize("phase", [0, 2, 4094, 1000])
+def test_take_places_a_view_at_the_asked_phase_and_gives_it_back(phase):
+    pool = BufferPool(1 << 24)
+    first = pool.take(3 << 20, phase=phase)
+    assert first.numel() == 3 << 20 and first.data_ptr() % 4096 == phase
+    first.fill_(7)  # the whole view lies inside its buffer
+    pool.give(first)
+    again = pool.take(3 << 20, phase=(phase + 8) % 4096)
+    assert again.data_ptr() % 4096 == (phase + 8) % 4096
+    assert (pool.allocations, pool.reuses) == (1, 1)
+    with pytest.raises(ValueError):
+        pool.give(again[1:])
+    pool.give(again)
+
+
 def test_give_rejects_foreign_buffers():
     pool = BufferPool(1 << 20)
     with pytest.raises(ValueError, match="not a buffer taken"):

@@ -9,6 +9,18 @@ right after, which keeps resident memory bounded when streaming a model larger t
 The compiled helper ``mergecore._C.pread_into(fd, offset, nbytes, dst_addr, nthreads)`` is
 used when the extension is built; otherwise ``os.preadv`` into a ``memoryview`` of ``dst``,
 split across ``nthreads`` threads for large tensors (``preadv`` releases the GIL).
+
+Direct reads (Linux, compiled helper, ``direct=True``, the default unless
+``MERGECORE_IO_DIRECT=0``): a tensor of at least ``DIRECT_MIN_BYTES`` whose destination starts
+at an address congruent to its file offset modulo ``DIRECT_ALIGN`` (``direct_phase`` says
+which; ``BufferPool.take(phase=)`` places a buffer so) is read through a second, ``O_DIRECT``
+descriptor of the file: the device writes the aligned interior straight into ``dst``; only the
+partial pages at both ends go through the page cache. That saves the kernel's copy and the page
+cache's bookkeeping (measured on the 2-core VM: buffered reads of two 1 GB files cost 1.7-2.5 s
+of system CPU, direct ones 0.1 s, at the same or a better rate), which on a CPU merge is CPU
+time the kernels get back. A file system that refuses ``O_DIRECT`` (tmpfs) is read buffered.
+Direct reads bypass the page cache also when the file is cached: pass ``direct=False`` (or set
+``MERGECORE_IO_DIRECT=0``) to read a model that is known to sit in the page cache.
 """
 
 from __future__ import annotations
@@ -32,6 +44,10 @@ if TYPE_CHECKING:
 #: Reads smaller than this are never split across threads.
 SPLIT_MIN_BYTES = 8 << 20
 _PIECE_ALIGN = 1 << 20
+#: Alignment of O_DIRECT offsets, lengths and addresses (a multiple of any logical block size).
+DIRECT_ALIGN = 4096
+#: Smaller tensors are read through the page cache (a direct read waits for the device).
+DIRECT_MIN_BYTES = 1 << 20
 
 _native_cache: list[Callable[..., Any] | None] = []
 
@@ -52,6 +68,11 @@ def native_pread() -> Callable[..., Any] | None:
                 fn = None
         _native_cache.append(fn)
     return _native_cache[0]
+
+
+def direct_default() -> bool:
+    """Whether readers use direct reads unless told otherwise (``MERGECORE_IO_DIRECT``)."""
+    return os.environ.get("MERGECORE_IO_DIRECT", "1") != "0"
 
 
 def byte_view(dst: torch.Tensor) -> torch.Tensor:
@@ -85,10 +106,12 @@ class TensorReader:
     kernel to drop the file pages just read (``POSIX_FADV_DONTNEED``).
     ``use_native``: None = use ``mergecore._C.pread_into`` when available; False = never;
     True = require it.
+    ``direct``: read large tensors through an ``O_DIRECT`` descriptor when the destination
+    is placed for it (module docstring); None = ``direct_default()``.
     """
 
     def __init__(self, *, nthreads: int = 4, drop_cache: bool = False,
-                 use_native: bool | None = None):
+                 use_native: bool | None = None, direct: bool | None = None):
         if nthreads < 1:
             raise ValueError("nthreads must be >= 1")
         self.nthreads = int(nthreads)
@@ -96,7 +119,15 @@ class TensorReader:
         self._native = None if use_native is False else native_pread()
         if use_native is True and self._native is None:
             raise RuntimeError("mergecore._C.pread_into is not available (extension not built)")
+        self._direct = None
+        if self._native is not None and hasattr(os, "O_DIRECT") and (
+                direct_default() if direct is None else direct):
+            from mergecore import _C  # type: ignore[attr-defined]
+
+            self._direct = getattr(_C, "pread_direct_into", None)
         self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int] = {}  # -1: the file system refuses O_DIRECT
+        self.direct_reads = 0  # reads that took the O_DIRECT path (tests, stats)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
@@ -104,6 +135,17 @@ class TensorReader:
     @property
     def uses_native(self) -> bool:
         return self._native is not None
+
+    @property
+    def uses_direct(self) -> bool:
+        return self._direct is not None
+
+    def direct_phase(self, info: TensorInfo) -> int | None:
+        """Where a destination buffer for ``info`` should start, modulo ``DIRECT_ALIGN``, for
+        a direct read (None: this read goes through the page cache, any buffer will do)."""
+        if self._direct is None or info.nbytes < DIRECT_MIN_BYTES:
+            return None
+        return info.data_start % DIRECT_ALIGN
 
     # ----- file descriptors -----------------------------------------------------------------
     def _fd(self, file: Path) -> int:
@@ -121,14 +163,28 @@ class TensorReader:
                 self._fds[file] = fd
             return fd
 
+    def _direct_fd(self, file: Path) -> int:
+        """An O_DIRECT descriptor of ``file`` (-1 when the file system refuses one)."""
+        with self._lock:
+            fd = self._direct_fds.get(file)
+            if fd is None:
+                try:
+                    fd = os.open(file, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    fd = -1
+                self._direct_fds[file] = fd
+            return fd
+
     def close(self) -> None:
         """Close every file descriptor (and the helper threads). Idempotent."""
         with self._lock:
             self._closed = True
-            fds, self._fds = self._fds, {}
+            fds, self._fds = [*self._fds.values(), *self._direct_fds.values()], {}
+            self._direct_fds = {}
             pool, self._pool = self._pool, None
-        for fd in fds.values():
-            os.close(fd)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
         if pool is not None:
             pool.shutdown(wait=True)
 
@@ -203,9 +259,17 @@ class TensorReader:
             return
         fd = self._fd(info.file)
         if self._native is not None:
+            direct = (self._direct is not None and info.nbytes >= DIRECT_MIN_BYTES
+                      and (buf.data_ptr() - info.data_start) % DIRECT_ALIGN == 0)
             try:
-                got = self._native(fd, info.data_start, info.nbytes, buf.data_ptr(),
-                                   self.nthreads)
+                dfd = self._direct_fd(info.file) if direct else -1
+                if dfd >= 0:
+                    got = self._direct(dfd, fd, info.data_start, info.nbytes, buf.data_ptr(),
+                                       self.nthreads, DIRECT_ALIGN)
+                    self.direct_reads += 1
+                else:
+                    got = self._native(fd, info.data_start, info.nbytes, buf.data_ptr(),
+                                       self.nthreads)
             except OSError as exc:
                 raise _os_error(exc, info) from exc
             if got is not None and got != info.nbytes:

@@ -16,6 +16,16 @@ order and a new shard starts before a tensor that would push a non-empty shard's
 past ``max_shard_bytes`` (so a tensor larger than the limit gets a shard of its own); one
 shard is named ``model.safetensors``, several ``model-00001-of-00003.safetensors``; the index
 exists only when there are several shards.
+
+Direct writes: a tensor of at least ``DIRECT_MIN_BYTES`` whose bytes sit at an address
+congruent to its file offset modulo ``DIRECT_ALIGN`` (``StreamingWriter.direct_phase`` says
+which; the pipeline places its output buffers so) goes to the device through a second,
+``O_DIRECT`` descriptor of the shard: its aligned interior skips the page cache, only the
+partial pages at its two ends are written through it. On the 2-core VM, writing 2 GB through
+the page cache costs 4-5 s of system CPU, direct 0.2 s, at 3x the rate. A file system that
+refuses ``O_DIRECT`` (tmpfs) gets buffered writes; ``MERGECORE_IO_DIRECT=0`` turns direct
+writes off. The sha256 of bytes written in file order is computed on a helper thread while
+they are being written (hashlib releases the GIL), not after.
 """
 
 from __future__ import annotations
@@ -43,6 +53,34 @@ if TYPE_CHECKING:
 MANIFEST_NAME = ".mergecore-manifest.json"
 DEFAULT_METADATA = {"format": "pt"}
 _HASH_CHUNK = 16 << 20
+#: Alignment of O_DIRECT offsets, lengths and addresses (a multiple of any logical block size).
+DIRECT_ALIGN = 4096
+#: Smaller tensors are written through the page cache.
+DIRECT_MIN_BYTES = 1 << 20
+
+_hash_executor: list[ThreadPoolExecutor] = []
+_hash_executor_lock = threading.Lock()
+
+
+def _hasher_thread() -> ThreadPoolExecutor:
+    """One process-wide thread that runs sha256 updates in submission order (so a write's
+    hash overlaps with the write, and updates of one file never run out of order)."""
+    with _hash_executor_lock:
+        if not _hash_executor:
+            _hash_executor.append(ThreadPoolExecutor(1, thread_name_prefix="mergecore-sha256"))
+        return _hash_executor[0]
+
+
+def direct_io_default() -> bool:
+    """Whether writers use ``O_DIRECT`` where they can (``MERGECORE_IO_DIRECT``, default on)."""
+    return hasattr(os, "O_DIRECT") and os.environ.get("MERGECORE_IO_DIRECT", "1") != "0"
+
+
+def _address(mv: memoryview) -> int:
+    """The address of a C-contiguous byte buffer's first byte."""
+    import numpy as np
+
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data) if mv.nbytes else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +235,11 @@ class ShardWriter:
     """
 
     def __init__(self, final_path: Path, header: bytes, tensors: dict[str, tuple[int, int]],
-                 *, fsync: bool = True, checksum: bool = True):
+                 *, fsync: bool = True, checksum: bool = True, direct: bool | None = None):
         self.final_path = final_path
+        self.direct = direct_io_default() if direct is None else direct
+        self._direct_fd: int | None = None
+        self.direct_bytes = 0  # bytes that went through the O_DIRECT descriptor
         self.partial_path = final_path.with_name(f".{final_path.name}.partial")
         self.header = header
         self.tensors = tensors
@@ -225,6 +266,12 @@ class ShardWriter:
             self._fd = os.open(self.partial_path, flags, 0o644)
         except OSError as exc:
             raise self._error(exc, "creating") from exc
+        if self.direct:
+            try:
+                self._direct_fd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT
+                                          | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                self._direct_fd = None  # the file system refuses O_DIRECT: page cache only
         self.pwrite(0, memoryview(self.header), "(header)")
 
     @property
@@ -235,11 +282,20 @@ class ShardWriter:
         """The descriptor of the open temporary file (None when not open)."""
         return self._fd
 
-    def pwrite(self, offset: int, mv: memoryview, name: str) -> None:
-        """Write all of ``mv`` at ``offset`` (retrying short writes); hash it if in order."""
-        fd = self._fd
-        if fd is None:
-            raise TensorWriteError(f"output file {str(self.final_path)!r} is not open")
+    def filenos(self) -> list[int]:
+        """Every open descriptor of the temporary file (buffered, and O_DIRECT if any)."""
+        return [fd for fd in (self._fd, self._direct_fd) if fd is not None]
+
+    def direct_phase(self, offset: int, nbytes: int) -> int | None:
+        """Where the bytes of a write at ``offset`` should sit in memory, modulo
+        ``DIRECT_ALIGN``, for a direct write (None: it goes through the page cache)."""
+        if not self.direct or nbytes < DIRECT_MIN_BYTES:
+            return None
+        return offset % DIRECT_ALIGN
+
+    def _write_all(self, fd: int, mv: memoryview, offset: int, name: str) -> int:
+        """pwrite all of ``mv`` (retrying short writes); returns the bytes written, which are
+        fewer only when ``fd`` is the O_DIRECT descriptor and the file system refuses it."""
         pos, n = 0, len(mv)
         while pos < n:
             try:
@@ -247,16 +303,52 @@ class ShardWriter:
             except InterruptedError:
                 continue
             except OSError as exc:
+                if fd == self._direct_fd and exc.errno == errno_mod.EINVAL:
+                    return pos
                 raise self._error(exc, f"writing tensor {name!r} to") from exc
             if done == 0:
                 raise self._error(OSError(errno_mod.EIO, "write returned 0"),
                                   f"writing tensor {name!r} to")
             pos += done
+            if fd == self._direct_fd and pos % DIRECT_ALIGN:
+                return pos  # an unaligned short write: the rest through the page cache
+        return pos
+
+    def _write_bytes(self, offset: int, mv: memoryview, name: str) -> None:
+        fd = self._fd
+        n = len(mv)
+        dfd = self._direct_fd
+        if dfd is not None and n >= DIRECT_MIN_BYTES \
+                and (_address(mv) - offset) % DIRECT_ALIGN == 0:
+            begin = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN - offset  # relative to offset
+            end = (offset + n) // DIRECT_ALIGN * DIRECT_ALIGN - offset
+            if end > begin:
+                self._write_all(fd, mv[:begin], offset, name)
+                done = self._write_all(dfd, mv[begin:end], offset + begin, name)
+                with self._lock:
+                    self.direct_bytes += done
+                if done < end - begin:
+                    self._write_all(fd, mv[begin + done:end], offset + begin + done, name)
+                self._write_all(fd, mv[end:], offset + end, name)
+                return
+        self._write_all(fd, mv, offset, name)
+
+    def pwrite(self, offset: int, mv: memoryview, name: str) -> None:
+        """Write all of ``mv`` at ``offset`` (retrying short writes); hash it if in order."""
+        if self._fd is None:
+            raise TensorWriteError(f"output file {str(self.final_path)!r} is not open")
+        n = len(mv)
+        hashing: Future | None = None
         if self._hasher is not None and n:
-            with self._lock:
+            with self._lock:  # claim the position and queue the update in file order
                 if offset == self._hash_pos:
-                    self._hasher.update(mv)
                     self._hash_pos += n
+                    hashing = _hasher_thread().submit(self._hasher.update, mv)
+        try:
+            self._write_bytes(offset, mv, name)
+        finally:
+            if hashing is not None:
+                hashing.result()  # the caller may reuse mv's memory once this returns
 
     def complete(self) -> str | None:
         """Finish the hash, fsync, close and rename into place; returns the sha256 (hex)."""
@@ -278,6 +370,7 @@ class ShardWriter:
         except OSError as exc:
             raise self._error(exc, "finishing") from exc
         self._fd = None
+        self._close_direct()
         os.close(fd)
         try:
             os.replace(self.partial_path, self.final_path)
@@ -288,8 +381,17 @@ class ShardWriter:
             _fsync_dir(self.final_path.parent)
         return self.sha256
 
+    def _close_direct(self) -> None:
+        dfd, self._direct_fd = self._direct_fd, None
+        if dfd is not None:
+            try:
+                os.close(dfd)
+            except OSError:
+                pass
+
     def discard(self) -> None:
         """Close and delete the temporary file (and the final file if already renamed)."""
+        self._close_direct()
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
@@ -458,6 +560,12 @@ class StreamingWriter:
         self._raise_finisher_error(wait=True)
 
     # ----- writing ------------------------------------------------------------------------------
+    def direct_phase(self, name: str) -> int | None:
+        """Where tensor ``name``'s bytes should sit in memory, modulo ``DIRECT_ALIGN``, for
+        ``write`` to send them to the device directly (None: any place will do)."""
+        slot = self._slots.get(name)
+        return None if slot is None else slot[0].direct_phase(slot[1], slot[2])
+
     def write(self, name: str, data: Any) -> None:
         """Write tensor ``name``'s bytes at its final offset (see the class docstring)."""
         self._raise_finisher_error(wait=False)

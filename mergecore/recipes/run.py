@@ -60,6 +60,11 @@ class RoutingWriter:
         else:
             self.final.write(key, data)
 
+    def direct_phase(self, key: str | tuple[str, str]) -> int | None:
+        if isinstance(key, tuple):
+            return self.stages[key[0]].direct_phase(key[1])
+        return self.final.direct_phase(key)
+
     def abort(self) -> None:
         for w in [self.final, *self.stages.values()]:
             w.abort()
