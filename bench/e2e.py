@@ -25,9 +25,18 @@ from mergecore.benchmark.roofs import drop_page_cache
 from mergecore.units import parse_size
 
 
+def quiet_start(files: list[Path], out_root: Path) -> None:
+    """Before each timed run: no earlier output left to delete, no dirty page of an earlier
+    run still being written back (mergekit does not fsync its output), inputs not cached."""
+    for name in ("mc", "mk"):
+        shutil.rmtree(out_root / name, ignore_errors=True)
+    os.sync()
+    drop_page_cache(files)
+
+
 def io_floor(files: list[Path], out_bytes: int, out_dir: Path) -> float:
     """Seconds to read every input once and write ``out_bytes`` with plain file IO."""
-    drop_page_cache(files)
+    quiet_start(files, out_dir)
     buf = bytearray(64 << 20)
     view = memoryview(buf)
     start = time.perf_counter()
@@ -82,9 +91,9 @@ def main(argv=None) -> int:
         if not args.no_mergekit:
             commands["mergekit"] = e2e.mergekit_command(cfg_path, out_root / "mk", args.device)
         for impl, cmd in commands.items():
-            shutil.rmtree(out_root / "mk", ignore_errors=True)
-            drop_page_cache(inputs)
+            quiet_start(inputs, out_root)
             runs[impl] = e2e.run_command(cmd, env)
+        quiet_start(inputs, out_root)
         for impl, run in runs.items():
             seconds = run["seconds"]
             rows.append(dict(common, method=method, impl=impl, seconds=seconds,

@@ -268,6 +268,7 @@ def compare_commands(config: Path, work: Path, device: str, max_memory: int,
                else mergekit_command(config, out, device))
         if step is not None:
             step(f"{name} command")
+        os.sync()  # no dirty page of an earlier run (mergekit does not fsync) is written now
         drop_page_cache(inputs)
         try:
             runs[name] = run_command(cmd, env)
