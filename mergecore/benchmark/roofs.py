@@ -3,7 +3,9 @@
 - ``memcpy``: a host copy of a large buffer; GB/s counts bytes read + bytes written, the
   ceiling of a memory-bound CPU kernel that reads its inputs and writes its output once.
 - ``file write`` / ``file read``: a file of random bytes in the benchmark directory, written
-  and fsynced, then read twice with the reader mergecore's pipeline uses: once "cold" (its
+  and fsynced, then read twice with buffered ``pread`` (the pipeline reads tensors of 1 MiB or
+  more with ``O_DIRECT`` instead, measured as fast on the 2-core VM at a tenth of the system
+  CPU; this roof is the page cache's rate): once "cold" (its
   pages dropped from the page cache with ``POSIX_FADV_DONTNEED`` first) and once "warm"
   (just read, so cached). Before each read the share of its pages in the page cache is
   measured with ``mincore``, which says whether the cache served the read: a cold read
@@ -101,7 +103,7 @@ def resident_fraction(paths: list[Path] | list[str]) -> float | None:
 
 
 def _read_file(path: Path, buf: torch.Tensor) -> int:
-    """Read the whole file in ``_CHUNK`` pieces into ``buf`` with the pipeline's reader."""
+    """Read the whole file in ``_CHUNK`` pieces into ``buf`` with buffered ``pread``."""
     from mergecore.io.reader import native_pread
 
     native = native_pread()
