@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from mergecore.buffer_pool import BufferPool
 from mergecore.io import StreamingWriter, TensorReader, open_checkpoint, plan_shards
-from mergecore.io import reader as reader_mod
+from mergecore.io import direct as direct_io
 from mergecore.io import writer as writer_mod
 from mergecore.io.errors import SafetensorsError
 from mergecore.io.types import TORCH_TO_SAFETENSORS
@@ -62,8 +62,8 @@ def test_reads_match_the_file_bytes_on_every_path(tmp_path):
     save_file(_odd_tensors(1), str(path))
     raw = path.read_bytes()
     infos = list(open_checkpoint(path).tensors.values())
-    assert any(i.data_start % 4096 for i in infos if i.nbytes >= reader_mod.DIRECT_MIN_BYTES)
-    big = [i for i in infos if i.nbytes >= reader_mod.DIRECT_MIN_BYTES]
+    assert any(i.data_start % 4096 for i in infos if i.nbytes >= direct_io.MIN_BYTES)
+    big = [i for i in infos if i.nbytes >= direct_io.MIN_BYTES]
     pool = BufferPool(1 << 30)
     with TensorReader(nthreads=2, direct=True, drop_cache=True) as rd:
         for info in infos:
@@ -126,14 +126,13 @@ def test_writes_are_the_planned_file_on_every_path(tmp_path, order, monkeypatch)
         assert direct == 0
         pytest.skip("this file system refuses O_DIRECT: the buffered fallback was checked")
     assert direct > 0.9 * sum(t.numel() * t.element_size() for t in tensors.values()
-                              if t.numel() * t.element_size() >= writer_mod.DIRECT_MIN_BYTES)
+                              if t.numel() * t.element_size() >= direct_io.MIN_BYTES)
 
 
 @pytest.fixture
 def everything_direct(monkeypatch):
     """Direct IO for every tensor of at least one page (the small family's tensors)."""
-    monkeypatch.setattr(reader_mod, "DIRECT_MIN_BYTES", 4096)
-    monkeypatch.setattr(writer_mod, "DIRECT_MIN_BYTES", 4096)
+    monkeypatch.setattr(direct_io, "MIN_BYTES", 4096)
 
 
 def _merge(config: Path, out: Path, *extra: str) -> int:

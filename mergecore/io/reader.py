@@ -11,8 +11,9 @@ used when the extension is built; otherwise ``os.preadv`` into a ``memoryview`` 
 split across ``nthreads`` threads for large tensors (``preadv`` releases the GIL).
 
 Direct reads (Linux, compiled helper, ``direct=True``, the default unless
-``MERGECORE_IO_DIRECT=0``): a tensor of at least ``DIRECT_MIN_BYTES`` whose destination starts
-at an address congruent to its file offset modulo ``DIRECT_ALIGN`` (``direct_phase`` says
+``MERGECORE_IO_DIRECT=0``; rules in ``mergecore.io.direct``): a tensor of at least
+``direct.MIN_BYTES`` whose destination starts at an address congruent to its file offset
+modulo ``direct.ALIGN`` (``direct_phase`` says
 which; ``BufferPool.take(phase=)`` places a buffer so) is read through a second, ``O_DIRECT``
 descriptor of the file: the device writes the aligned interior straight into ``dst``; only the
 partial pages at both ends go through the page cache. That saves the kernel's copy and the page
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mergecore.io import direct as direct_io
 from mergecore.io.errors import SafetensorsError
 from mergecore.io.types import TensorInfo
 
@@ -44,10 +46,6 @@ if TYPE_CHECKING:
 #: Reads smaller than this are never split across threads.
 SPLIT_MIN_BYTES = 8 << 20
 _PIECE_ALIGN = 1 << 20
-#: Alignment of O_DIRECT offsets, lengths and addresses (a multiple of any logical block size).
-DIRECT_ALIGN = 4096
-#: Smaller tensors are read through the page cache (a direct read waits for the device).
-DIRECT_MIN_BYTES = 1 << 20
 
 _native_cache: list[Callable[..., Any] | None] = []
 
@@ -68,11 +66,6 @@ def native_pread() -> Callable[..., Any] | None:
                 fn = None
         _native_cache.append(fn)
     return _native_cache[0]
-
-
-def direct_default() -> bool:
-    """Whether readers use direct reads unless told otherwise (``MERGECORE_IO_DIRECT``)."""
-    return os.environ.get("MERGECORE_IO_DIRECT", "1") != "0"
 
 
 def byte_view(dst: torch.Tensor) -> torch.Tensor:
@@ -107,7 +100,7 @@ class TensorReader:
     ``use_native``: None = use ``mergecore._C.pread_into`` when available; False = never;
     True = require it.
     ``direct``: read large tensors through an ``O_DIRECT`` descriptor when the destination
-    is placed for it (module docstring); None = ``direct_default()``.
+    is placed for it (module docstring); None = ``direct.enabled()``.
     """
 
     def __init__(self, *, nthreads: int = 4, drop_cache: bool = False,
@@ -121,7 +114,7 @@ class TensorReader:
             raise RuntimeError("mergecore._C.pread_into is not available (extension not built)")
         self._direct = None
         if self._native is not None and hasattr(os, "O_DIRECT") and (
-                direct_default() if direct is None else direct):
+                direct_io.enabled() if direct is None else direct):
             from mergecore import _C  # type: ignore[attr-defined]
 
             self._direct = getattr(_C, "pread_direct_into", None)
@@ -141,11 +134,11 @@ class TensorReader:
         return self._direct is not None
 
     def direct_phase(self, info: TensorInfo) -> int | None:
-        """Where a destination buffer for ``info`` should start, modulo ``DIRECT_ALIGN``, for
+        """Where a destination buffer for ``info`` should start, modulo ``direct.ALIGN``, for
         a direct read (None: this read goes through the page cache, any buffer will do)."""
-        if self._direct is None or info.nbytes < DIRECT_MIN_BYTES:
+        if self._direct is None:
             return None
-        return info.data_start % DIRECT_ALIGN
+        return direct_io.phase(info.data_start, info.nbytes)
 
     # ----- file descriptors -----------------------------------------------------------------
     def _fd(self, file: Path) -> int:
@@ -259,13 +252,13 @@ class TensorReader:
             return
         fd = self._fd(info.file)
         if self._native is not None:
-            direct = (self._direct is not None and info.nbytes >= DIRECT_MIN_BYTES
-                      and (buf.data_ptr() - info.data_start) % DIRECT_ALIGN == 0)
+            direct = self._direct is not None and direct_io.congruent(
+                buf.data_ptr(), info.data_start, info.nbytes)
             try:
                 dfd = self._direct_fd(info.file) if direct else -1
                 if dfd >= 0:
                     got = self._direct(dfd, fd, info.data_start, info.nbytes, buf.data_ptr(),
-                                       self.nthreads, DIRECT_ALIGN)
+                                       self.nthreads, direct_io.ALIGN)
                     self.direct_reads += 1
                 else:
                     got = self._native(fd, info.data_start, info.nbytes, buf.data_ptr(),

@@ -17,8 +17,9 @@ past ``max_shard_bytes`` (so a tensor larger than the limit gets a shard of its 
 shard is named ``model.safetensors``, several ``model-00001-of-00003.safetensors``; the index
 exists only when there are several shards.
 
-Direct writes: a tensor of at least ``DIRECT_MIN_BYTES`` whose bytes sit at an address
-congruent to its file offset modulo ``DIRECT_ALIGN`` (``StreamingWriter.direct_phase`` says
+Direct writes (rules in ``mergecore.io.direct``): a tensor of at least ``direct.MIN_BYTES``
+whose bytes sit at an address congruent to its file offset modulo ``direct.ALIGN``
+(``StreamingWriter.direct_phase`` says
 which; the pipeline places its output buffers so) goes to the device through a second,
 ``O_DIRECT`` descriptor of the shard: its aligned interior skips the page cache, only the
 partial pages at its two ends are written through it. On the 2-core VM, writing 2 GB through
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mergecore.io import direct as direct_io
 from mergecore.io.errors import OutputFileError, TensorWriteError
 from mergecore.io.safetensors_format import data_layout, header_bytes
 from mergecore.io.types import TORCH_TO_SAFETENSORS
@@ -53,10 +55,6 @@ if TYPE_CHECKING:
 MANIFEST_NAME = ".mergecore-manifest.json"
 DEFAULT_METADATA = {"format": "pt"}
 _HASH_CHUNK = 16 << 20
-#: Alignment of O_DIRECT offsets, lengths and addresses (a multiple of any logical block size).
-DIRECT_ALIGN = 4096
-#: Smaller tensors are written through the page cache.
-DIRECT_MIN_BYTES = 1 << 20
 
 _hash_executor: list[ThreadPoolExecutor] = []
 _hash_executor_lock = threading.Lock()
@@ -69,11 +67,6 @@ def _hasher_thread() -> ThreadPoolExecutor:
         if not _hash_executor:
             _hash_executor.append(ThreadPoolExecutor(1, thread_name_prefix="mergecore-sha256"))
         return _hash_executor[0]
-
-
-def direct_io_default() -> bool:
-    """Whether writers use ``O_DIRECT`` where they can (``MERGECORE_IO_DIRECT``, default on)."""
-    return hasattr(os, "O_DIRECT") and os.environ.get("MERGECORE_IO_DIRECT", "1") != "0"
 
 
 def _address(mv: memoryview) -> int:
@@ -237,7 +230,7 @@ class ShardWriter:
     def __init__(self, final_path: Path, header: bytes, tensors: dict[str, tuple[int, int]],
                  *, fsync: bool = True, checksum: bool = True, direct: bool | None = None):
         self.final_path = final_path
-        self.direct = direct_io_default() if direct is None else direct
+        self.direct = direct_io.enabled() if direct is None else direct
         self._direct_fd: int | None = None
         self.direct_bytes = 0  # bytes that went through the O_DIRECT descriptor
         self.partial_path = final_path.with_name(f".{final_path.name}.partial")
@@ -288,10 +281,8 @@ class ShardWriter:
 
     def direct_phase(self, offset: int, nbytes: int) -> int | None:
         """Where the bytes of a write at ``offset`` should sit in memory, modulo
-        ``DIRECT_ALIGN``, for a direct write (None: it goes through the page cache)."""
-        if not self.direct or nbytes < DIRECT_MIN_BYTES:
-            return None
-        return offset % DIRECT_ALIGN
+        ``direct.ALIGN``, for a direct write (None: it goes through the page cache)."""
+        return direct_io.phase(offset, nbytes) if self.direct else None
 
     def _write_all(self, fd: int, mv: memoryview, offset: int, name: str) -> int:
         """pwrite all of ``mv`` (retrying short writes); returns the bytes written, which are
@@ -310,7 +301,7 @@ class ShardWriter:
                 raise self._error(OSError(errno_mod.EIO, "write returned 0"),
                                   f"writing tensor {name!r} to")
             pos += done
-            if fd == self._direct_fd and pos % DIRECT_ALIGN:
+            if fd == self._direct_fd and pos % direct_io.ALIGN:
                 return pos  # an unaligned short write: the rest through the page cache
         return pos
 
@@ -318,10 +309,10 @@ class ShardWriter:
         fd = self._fd
         n = len(mv)
         dfd = self._direct_fd
-        if dfd is not None and n >= DIRECT_MIN_BYTES \
-                and (_address(mv) - offset) % DIRECT_ALIGN == 0:
-            begin = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN - offset  # relative to offset
-            end = (offset + n) // DIRECT_ALIGN * DIRECT_ALIGN - offset
+        align = direct_io.ALIGN
+        if dfd is not None and direct_io.congruent(_address(mv), offset, n):
+            begin = -(-offset // align) * align - offset  # relative to offset
+            end = (offset + n) // align * align - offset
             if end > begin:
                 self._write_all(fd, mv[:begin], offset, name)
                 done = self._write_all(dfd, mv[begin:end], offset + begin, name)
@@ -561,7 +552,7 @@ class StreamingWriter:
 
     # ----- writing ------------------------------------------------------------------------------
     def direct_phase(self, name: str) -> int | None:
-        """Where tensor ``name``'s bytes should sit in memory, modulo ``DIRECT_ALIGN``, for
+        """Where tensor ``name``'s bytes should sit in memory, modulo ``direct.ALIGN``, for
         ``write`` to send them to the device directly (None: any place will do)."""
         slot = self._slots.get(name)
         return None if slot is None else slot[0].direct_phase(slot[1], slot[2])
