@@ -32,23 +32,25 @@ IoOutcome read_piece(int fd, uint64_t off, uint64_t n, char* dst) {
 
 }  // namespace
 
-IoOutcome pread_into(int fd, uint64_t file_offset, uint64_t nbytes, void* dst, int nthreads) {
-  char* out = static_cast<char*>(dst);
+namespace {
+
+// Run piece(start, len) over [0, nbytes) split into up to nthreads pieces of at least
+// PREAD_SPLIT_MIN bytes (starts multiples of PIECE_ALIGN), the first on this thread; the
+// outcome is the contiguous prefix read (a short piece ends it: end of file).
+template <typename Piece>
+IoOutcome split_read(uint64_t nbytes, int nthreads, Piece piece) {
   uint64_t pieces = std::max<uint64_t>(1, nbytes / PREAD_SPLIT_MIN);
   pieces = std::min<uint64_t>(pieces, static_cast<uint64_t>(std::max(1, nthreads)));
-  if (pieces <= 1) return read_piece(fd, file_offset, nbytes, out);
-  uint64_t step = (nbytes / pieces + PIECE_ALIGN - 1) / PIECE_ALIGN * PIECE_ALIGN;
+  if (pieces <= 1) return piece(0, nbytes);
+  const uint64_t step = (nbytes / pieces + PIECE_ALIGN - 1) / PIECE_ALIGN * PIECE_ALIGN;
   std::vector<uint64_t> starts;
   for (uint64_t s = 0; s < nbytes; s += step) starts.push_back(s);
   std::vector<IoOutcome> results(starts.size());
   std::vector<std::thread> threads;
   for (size_t p = 1; p < starts.size(); ++p) {
-    threads.emplace_back([&, p] {
-      uint64_t len = std::min(step, nbytes - starts[p]);
-      results[p] = read_piece(fd, file_offset + starts[p], len, out + starts[p]);
-    });
+    threads.emplace_back([&, p] { results[p] = piece(starts[p], std::min(step, nbytes - starts[p])); });
   }
-  results[0] = read_piece(fd, file_offset, std::min(step, nbytes), out);
+  results[0] = piece(0, std::min(step, nbytes));
   for (auto& t : threads) t.join();
   IoOutcome total{0, 0};
   for (size_t p = 0; p < starts.size(); ++p) {
@@ -57,6 +59,15 @@ IoOutcome pread_into(int fd, uint64_t file_offset, uint64_t nbytes, void* dst, i
     if (results[p].bytes < std::min(step, nbytes - starts[p])) break;  // end of file
   }
   return total;
+}
+
+}  // namespace
+
+IoOutcome pread_into(int fd, uint64_t file_offset, uint64_t nbytes, void* dst, int nthreads) {
+  char* out = static_cast<char*>(dst);
+  return split_read(nbytes, nthreads, [&](uint64_t s, uint64_t len) {
+    return read_piece(fd, file_offset + s, len, out + s);
+  });
 }
 
 IoOutcome pread_direct_into(int direct_fd, int fd, uint64_t file_offset, uint64_t nbytes,
@@ -71,34 +82,18 @@ IoOutcome pread_direct_into(int direct_fd, int fd, uint64_t file_offset, uint64_
   if (head.error != 0 || head.bytes < begin - file_offset) return head;
   const uint64_t inner = end - begin;
   char* inner_dst = out + (begin - file_offset);
-  uint64_t pieces = std::max<uint64_t>(1, inner / PREAD_SPLIT_MIN);
-  pieces = std::min<uint64_t>(pieces, static_cast<uint64_t>(std::max(1, nthreads)));
-  const uint64_t step = (inner / pieces + PIECE_ALIGN - 1) / PIECE_ALIGN * PIECE_ALIGN;
-  std::vector<uint64_t> starts;
-  for (uint64_t s = 0; s < inner; s += step) starts.push_back(s);
-  std::vector<IoOutcome> results(starts.size());
-  auto piece = [&](size_t p) {
-    const uint64_t len = std::min(step, inner - starts[p]);
-    IoOutcome r = read_piece(direct_fd, begin + starts[p], len, inner_dst + starts[p]);
+  IoOutcome mid = split_read(inner, nthreads, [&](uint64_t s, uint64_t len) {
+    IoOutcome r = read_piece(direct_fd, begin + s, len, inner_dst + s);
     if (r.error == EINVAL) {  // this file system refuses O_DIRECT here: the page cache then
-      IoOutcome rest = read_piece(fd, begin + starts[p] + r.bytes, len - r.bytes,
-                                  inner_dst + starts[p] + r.bytes);
+      IoOutcome rest = read_piece(fd, begin + s + r.bytes, len - r.bytes, inner_dst + s + r.bytes);
       r = IoOutcome{r.bytes + rest.bytes, rest.error};
     }
-    results[p] = r;
-  };
-  std::vector<std::thread> threads;
-  for (size_t p = 1; p < starts.size(); ++p) threads.emplace_back(piece, p);
-  piece(0);
-  for (auto& t : threads) t.join();
-  IoOutcome total{head.bytes, 0};
-  for (size_t p = 0; p < starts.size(); ++p) {
-    if (results[p].error != 0) return IoOutcome{total.bytes + results[p].bytes, results[p].error};
-    total.bytes += results[p].bytes;
-    if (results[p].bytes < std::min(step, inner - starts[p])) return total;  // end of file
-  }
+    return r;
+  });
+  const IoOutcome so_far{head.bytes + mid.bytes, mid.error};
+  if (mid.error != 0 || mid.bytes < inner) return so_far;  // error, or end of file
   IoOutcome tail = read_piece(fd, end, file_offset + nbytes - end, out + (end - file_offset));
-  return IoOutcome{total.bytes + tail.bytes, tail.error};
+  return IoOutcome{so_far.bytes + tail.bytes, tail.error};
 }
 
 IoOutcome pwrite_from(int fd, uint64_t file_offset, uint64_t nbytes, const void* src) {

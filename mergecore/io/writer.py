@@ -69,6 +69,15 @@ def _hasher_thread() -> ThreadPoolExecutor:
         return _hash_executor[0]
 
 
+def _close_quietly(fd: int | None) -> None:
+    """Close ``fd`` (if any), ignoring errors: for descriptors of files being given up."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _address(mv: memoryview) -> int:
     """The address of a C-contiguous byte buffer's first byte."""
     import numpy as np
@@ -374,21 +383,13 @@ class ShardWriter:
 
     def _close_direct(self) -> None:
         dfd, self._direct_fd = self._direct_fd, None
-        if dfd is not None:
-            try:
-                os.close(dfd)
-            except OSError:
-                pass
+        _close_quietly(dfd)
 
     def discard(self) -> None:
         """Close and delete the temporary file (and the final file if already renamed)."""
         self._close_direct()
         fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_quietly(fd)
         for p in (self.partial_path, self.final_path if self.done else None):
             if p is not None:
                 try:
