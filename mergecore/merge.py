@@ -110,6 +110,14 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
     return state
 
 
+def with_output_problems(exc: ConfigError, out_dir: Path, options: MergeOptions
+                         ) -> ConfigError:
+    """``exc`` with the output directory's problems added, so one error lists them all."""
+    extra = preflight.directory_problems(out_dir, overwrite=options.overwrite,
+                                         resume=options.resume)
+    return ConfigError(exc.problems + extra, source=exc.source)
+
+
 def prepare_output(out_dir: Path, options: MergeOptions, shards, state: ResumeState,
                    lock: OutputLock | None = None) -> None:
     """Make ``out_dir`` ready for the writer: with --resume keep the verified shards (and say
@@ -270,10 +278,8 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     try:
         plan = load_merge(config_path, random_seed=options.random_seed,
                           allow_crimes=options.allow_crimes)
-    except ConfigError as exc:  # list the output directory's problems with the config's
-        extra = preflight.directory_problems(out_dir, overwrite=options.overwrite,
-                                             resume=options.resume)
-        raise ConfigError(exc.problems + extra, source=exc.source) from None
+    except ConfigError as exc:
+        raise with_output_problems(exc, out_dir, options) from None
     if options.random_seed is None and plan.random_seed is not None:
         options.random_seed = plan.random_seed
     source = Path(plan.tokenizer_path) if plan.tokenizer_path else None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from mergecore import faults, preflight
+from mergecore import faults
 from mergecore.config.errors import ConfigError
 from mergecore.heap import release_freed_memory_promptly
 from mergecore.interrupt import handle_termination, keeps_progress
@@ -37,6 +37,7 @@ from mergecore.merge import (
     describe_plan,
     prepare_output,
     remaining_tensors,
+    with_output_problems,
     write_side_files,
 )
 from mergecore.out_lock import OutputLock
@@ -130,10 +131,8 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
         recipe = load_recipe(config_path, random_seed=options.random_seed,
                              allow_crimes=options.allow_crimes,
                              keep_intermediates=keep is not None)
-    except ConfigError as exc:  # list the output directory's problems with the recipe's
-        extra = preflight.directory_problems(out_dir, overwrite=options.overwrite,
-                                             resume=options.resume)
-        raise ConfigError(exc.problems + extra, source=exc.source) from None
+    except ConfigError as exc:
+        raise with_output_problems(exc, out_dir, options) from None
     by_name = {s.name: s for s in recipe.stages if s.name is not None}
     source = _tokenizer_dir(recipe.final, by_name)
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in recipe.final.plan.tensors]
