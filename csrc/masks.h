@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 
@@ -32,12 +34,14 @@ constexpr uint32_t PHILOX_W1 = 0xBB67AE85u;
 
 // Words of elements [start, start + count) of the stream, start and count multiples of 4;
 // element j uses word j & 3 of block j >> 2, whose counter is (lo32(j >> 2), hi32(j >> 2), 0,
-// 0). One Philox evaluation per 4 elements (csrc/philox.cpp; AVX2 when the CPU has it).
+// 0). One Philox evaluation per 4 elements (csrc/philox.cpp; AVX-512 or AVX2 when the CPU has it).
 void philox_words(uint32_t key0, uint32_t key1, uint64_t start, size_t count, uint32_t* out);
-// Test hook: the portable implementation (generic) or the one chosen for this CPU.
-void philox_words_impl(bool generic, uint32_t key0, uint32_t key1, uint64_t start, size_t count,
-                       uint32_t* out);
-bool philox_uses_avx2();
+// Test hook: the words from the implementation called `name` ("avx512", "avx2", "generic");
+// false when this CPU cannot run it.
+bool philox_words_impl(const std::string& name, uint32_t key0, uint32_t key1, uint64_t start,
+                       size_t count, uint32_t* out);
+// The implementations this CPU can run, the one philox_words uses first.
+std::vector<std::string> philox_impls();
 
 // Number of leading elements of the tile [start, start + count) with index < cutoff.
 MC_INLINE uint32_t index_limit(uint64_t cutoff, uint64_t start, size_t count) {

@@ -324,17 +324,20 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "_philox_words",
       [](uint32_t key0, uint32_t key1, uint64_t start, uint64_t count, uint64_t dst_addr,
-         bool generic) {
+         const std::string& impl) {
         if (start % 4 != 0 || count % 4 != 0) {
           throw std::invalid_argument("_philox_words: start and count must be multiples of 4");
         }
-        mc::philox_words_impl(generic, key0, key1, start, count,
-                              reinterpret_cast<uint32_t*>(static_cast<uintptr_t>(dst_addr)));
+        if (!mc::philox_words_impl(impl, key0, key1, start, count,
+                                   reinterpret_cast<uint32_t*>(static_cast<uintptr_t>(dst_addr)))) {
+          throw std::invalid_argument("_philox_words: this CPU cannot run implementation " + impl);
+        }
       },
       py::arg("key0"), py::arg("key1"), py::arg("start"), py::arg("count"), py::arg("dst_addr"),
-      py::arg("generic"),
-      "Test hook: Philox4x32-10 words of elements [start, start + count) into a uint32 buffer.");
-  m.attr("PHILOX_AVX2") = mc::philox_uses_avx2();
+      py::arg("impl"),
+      "Test hook: Philox4x32-10 words of elements [start, start + count) into a uint32 buffer, "
+      "from the implementation named impl (one of PHILOX_IMPLS).");
+  m.attr("PHILOX_IMPLS") = mc::philox_impls();
   m.def("pread_into", &pread_into, py::arg("fd"), py::arg("file_offset"), py::arg("nbytes"),
         py::arg("dst_addr"), py::arg("nthreads") = 1,
         "Read nbytes at file_offset of fd into dst_addr (threads split large reads); returns "

@@ -484,16 +484,25 @@ def test_combine_keep_random_is_the_reference_stream():
         assert torch.equal(out, want), n
 
 
-@pytest.mark.parametrize("generic", [False, True], ids=["dispatched", "portable"])
-def test_philox_implementations_match_the_reference(generic):
-    """Both Philox implementations (the one this CPU runs and the portable one) give
-    mergecore.rng's words, also where the low counter word wraps inside a vector."""
-    for start in (0, 4, 4 * ((1 << 32) - 5)):
-        n = 4 * 1000
-        buf = torch.empty(n, dtype=torch.int32)
-        _C._philox_words(0x12345678, 0x9ABCDEF0, start, n, buf.data_ptr(), generic)
-        want = rng.random_words(n, 0x12345678, 0x9ABCDEF0, start=start)
-        assert np.array_equal(buf.numpy().view(np.uint32), want), start
+@pytest.mark.parametrize("impl", ["avx512", "avx2", "generic"])
+def test_philox_implementations_match_the_reference(impl):
+    """Every Philox implementation gives mergecore.rng's words: at counters where the low
+    word wraps inside a vector, and at lengths that end inside a vector (the tail goes to the
+    next narrower implementation)."""
+    if impl not in _C.PHILOX_IMPLS:
+        pytest.skip(f"this CPU cannot run the {impl} Philox (it runs {_C.PHILOX_IMPLS})")
+    starts = (0, 4, 4 * ((1 << 32) - 5), 4 * ((1 << 32) - 13))
+    for start in starts:
+        for n in (4 * 1000, 4, 4 * 15, 4 * 17, 4 * 23):
+            buf = torch.full((n,), -1, dtype=torch.int32)
+            _C._philox_words(0x12345678, 0x9ABCDEF0, start, n, buf.data_ptr(), impl)
+            want = rng.random_words(n, 0x12345678, 0x9ABCDEF0, start=start)
+            assert np.array_equal(buf.numpy().view(np.uint32), want), (start, n)
+
+
+def test_philox_dispatch_takes_the_widest_implementation():
+    assert _C.PHILOX_IMPLS[-1] == "generic"
+    assert len(set(_C.PHILOX_IMPLS)) == len(_C.PHILOX_IMPLS)
 
 
 def test_combine_elect_zero_sum_and_no_agreement():
