@@ -1,6 +1,7 @@
 #include "fileio.h"
 
 #include <errno.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -94,6 +95,28 @@ IoOutcome pread_direct_into(int direct_fd, int fd, uint64_t file_offset, uint64_
   if (mid.error != 0 || mid.bytes < inner) return so_far;  // error, or end of file
   IoOutcome tail = read_piece(fd, end, file_offset + nbytes - end, out + (end - file_offset));
   return IoOutcome{so_far.bytes + tail.bytes, tail.error};
+}
+
+CachedPages cached_pages(int fd, uint64_t file_offset, uint64_t nbytes) {
+  const long sys_page = ::sysconf(_SC_PAGESIZE);
+  const uint64_t page = sys_page > 0 ? static_cast<uint64_t>(sys_page) : 4096;
+  const uint64_t first = file_offset / page * page;
+  const uint64_t last = (file_offset + nbytes + page - 1) / page * page;
+  constexpr uint64_t WINDOW = 256ull << 20;  // mapped at a time (bounds the vector below)
+  CachedPages pages{0, 0};
+  std::vector<unsigned char> held;
+  for (uint64_t at = first; at < last; at += WINDOW) {
+    const uint64_t len = std::min(WINDOW, last - at);
+    void* map = ::mmap(nullptr, len, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(at));
+    if (map == MAP_FAILED) return CachedPages{0, 0};
+    held.resize(len / page);
+    const int rc = ::mincore(map, len, held.data());
+    ::munmap(map, len);
+    if (rc != 0) return CachedPages{0, 0};
+    for (unsigned char h : held) pages.cached += h & 1u;
+    pages.total += len / page;
+  }
+  return pages;
 }
 
 IoOutcome pwrite_from(int fd, uint64_t file_offset, uint64_t nbytes, const void* src) {

@@ -24,6 +24,15 @@ IoOutcome pread_into(int fd, uint64_t file_offset, uint64_t nbytes, void* dst, i
 IoOutcome pread_direct_into(int direct_fd, int fd, uint64_t file_offset, uint64_t nbytes,
                             void* dst, int nthreads, uint64_t align);
 
+// Pages of [file_offset, file_offset + nbytes) of fd (whole pages of the system page size):
+// {held by the page cache, in all}, from mmap + mincore (nothing is read or faulted in);
+// {0, 0} when the file cannot be mapped or the kernel will not tell.
+struct CachedPages {
+  uint64_t cached;
+  uint64_t total;
+};
+CachedPages cached_pages(int fd, uint64_t file_offset, uint64_t nbytes);
+
 // Write src[0, nbytes) to fd at file_offset with pwrite (EINTR and short writes retried).
 IoOutcome pwrite_from(int fd, uint64_t file_offset, uint64_t nbytes, const void* src);
 

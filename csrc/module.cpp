@@ -256,6 +256,16 @@ uint64_t pread_direct_into(int direct_fd, int fd, int64_t file_offset, int64_t n
   return r.bytes;
 }
 
+std::pair<uint64_t, uint64_t> cached_pages(int fd, int64_t file_offset, int64_t nbytes) {
+  if (file_offset < 0 || nbytes < 0) throw std::invalid_argument("cached_pages: negative offset or size");
+  mc::CachedPages p;
+  {
+    py::gil_scoped_release release;
+    p = mc::cached_pages(fd, static_cast<uint64_t>(file_offset), static_cast<uint64_t>(nbytes));
+  }
+  return {p.cached, p.total};
+}
+
 uint64_t pwrite_from(int fd, int64_t file_offset, int64_t nbytes, uint64_t src_addr) {
   if (file_offset < 0 || nbytes < 0) throw std::invalid_argument("pwrite_from: negative offset or size");
   if (nbytes > 0 && src_addr == 0) throw std::invalid_argument("pwrite_from: null source");
@@ -342,6 +352,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dst_addr"), py::arg("nthreads") = 1,
         "Read nbytes at file_offset of fd into dst_addr (threads split large reads); returns "
         "the bytes read (fewer only at end of file); OSError on failure.");
+  m.def("cached_pages", &cached_pages, py::arg("fd"), py::arg("file_offset"), py::arg("nbytes"),
+        "(pages the page cache holds, pages in all) of the byte range of fd, from mmap + "
+        "mincore without reading anything; (0, 0) when the kernel will not tell.");
   m.def("pread_direct_into", &pread_direct_into, py::arg("direct_fd"), py::arg("fd"),
         py::arg("file_offset"), py::arg("nbytes"), py::arg("dst_addr"), py::arg("nthreads") = 1,
         py::arg("align") = 4096,

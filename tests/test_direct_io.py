@@ -30,6 +30,11 @@ from mergecore.io.types import TORCH_TO_SAFETENSORS
 from mergecore.io.writer import MANIFEST_NAME
 from mergecore.resume import file_sha256
 
+try:
+    from mergecore import _C  # type: ignore[attr-defined]
+except ImportError:  # no compiled extension
+    _C = None
+
 pytestmark = pytest.mark.usefixtures("keep_thread_settings")
 
 
@@ -57,7 +62,14 @@ def _odd_tensors(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_reads_match_the_file_bytes_on_every_path(tmp_path):
+@pytest.fixture
+def never_warm(monkeypatch):
+    """Every large tensor counts as cold (the files the tests just wrote sit in the page
+    cache, which would send their reads through it)."""
+    monkeypatch.setattr(direct_io, "WARM_SHARE", 2.0)
+
+
+def test_reads_match_the_file_bytes_on_every_path(tmp_path, never_warm):
     path = tmp_path / "model.safetensors"
     save_file(_odd_tensors(1), str(path))
     raw = path.read_bytes()
@@ -95,6 +107,68 @@ def test_a_truncated_file_is_an_error_on_the_direct_path(tmp_path):
     assert last.name in str(err.value) and "truncated" in str(err.value)
 
 
+def _evict(path: Path) -> bool:
+    """Drop ``path``'s pages from the page cache; False where the file system keeps the file
+    in memory anyway (tmpfs) or the kernel will not tell."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        cached, total = _C.cached_pages(fd, 0, path.stat().st_size)
+    finally:
+        os.close(fd)
+    return total > 0 and cached < total // 4
+
+
+def _cached_share(path: Path, info) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        cached, total = _C.cached_pages(fd, info.data_start, info.nbytes)
+    finally:
+        os.close(fd)
+    return cached / total
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_warm_tensors_are_read_from_the_page_cache_and_left_there(tmp_path, direct):
+    """The tensors of a file found in the page cache are read through it (not O_DIRECT) and
+    their pages stay cached with drop_cache; those of a cold file are read directly or have
+    their pages dropped after the read."""
+    if _C is None or not hasattr(_C, "cached_pages"):
+        pytest.skip("no compiled extension: the reader cannot ask the page cache")
+    path = tmp_path / "model.safetensors"
+    save_file(_odd_tensors(3), str(path))
+    raw = path.read_bytes()
+    big = [i for i in open_checkpoint(path).tensors.values() if i.nbytes >= direct_io.MIN_BYTES]
+    pool = BufferPool(1 << 30)
+    if not _evict(path):
+        pytest.skip("this file system keeps the file in memory: nothing is ever cold")
+    with TensorReader(nthreads=2, direct=direct, drop_cache=True) as rd:
+        for info in big:  # a cold file
+            buf = pool.take(info.nbytes, phase=rd.direct_phase(info))
+            buf.fill_(0xA5)
+            rd.read_into(info, buf)
+            assert bytes(buf[:info.nbytes].numpy()) == raw[info.data_start:][:info.nbytes]
+            assert _cached_share(path, info) < 0.25, info.name  # dropped, or never cached
+            pool.give(buf)
+        assert rd.warm_reads == 0
+        if direct and rd.uses_direct and _direct_supported(tmp_path):
+            assert rd.direct_reads == len(big)
+    assert len(path.read_bytes()) == len(raw)  # now the whole file is cached
+    with TensorReader(nthreads=2, direct=direct, drop_cache=True) as rd:
+        for info in big:  # a warm file
+            phase = rd.direct_phase(info)
+            assert phase is None, info.name  # any buffer will do
+            buf = pool.take(info.nbytes, phase=info.data_start % direct_io.ALIGN)
+            buf.fill_(0x5A)
+            rd.read_into(info, buf)  # a congruent buffer, still read through the cache
+            assert bytes(buf[:info.nbytes].numpy()) == raw[info.data_start:][:info.nbytes]
+            assert _cached_share(path, info) > 0.9, info.name  # left as found
+            pool.give(buf)
+        assert rd.warm_reads == len(big)
+        assert rd.direct_reads == 0
+
+
 @pytest.mark.parametrize("order", ["in file order", "reversed"])
 def test_writes_are_the_planned_file_on_every_path(tmp_path, order, monkeypatch):
     monkeypatch.setenv("MERGECORE_IO_DIRECT", "1")
@@ -130,7 +204,7 @@ def test_writes_are_the_planned_file_on_every_path(tmp_path, order, monkeypatch)
 
 
 @pytest.fixture
-def everything_direct(monkeypatch):
+def everything_direct(monkeypatch, never_warm):
     """Direct IO for every tensor of at least one page (the small family's tensors)."""
     monkeypatch.setattr(direct_io, "MIN_BYTES", 4096)
 

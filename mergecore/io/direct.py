@@ -7,6 +7,11 @@ partial pages at both ends go through the page cache. ``phase`` says where a buf
 start for that; ``congruent`` checks a buffer. Transfers under ``MIN_BYTES`` use the page
 cache (a direct transfer waits for the device, which small tensors do not amortize).
 ``MERGECORE_IO_DIRECT=0`` turns direct IO off.
+
+A tensor whose pages the page cache already holds (at least ``WARM_SHARE`` of them, by
+``mincore``) is read through the page cache instead: copying from memory beats the device
+(on the 2-core VM: 9.5 GB/s from the cache, 1-1.7 GB/s direct), and its pages are left
+cached, as they were found.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import os
 ALIGN = 4096
 #: Smaller transfers go through the page cache.
 MIN_BYTES = 1 << 20
+#: A read whose range has at least this share of its pages in the page cache is "warm": it
+#: goes through the cache, and the reader leaves those pages cached.
+WARM_SHARE = 0.5
 
 
 def enabled() -> bool:
@@ -35,3 +43,9 @@ def congruent(address: int, offset: int, nbytes: int) -> bool:
     """True when a buffer at ``address`` holding ``nbytes`` for file ``offset`` can take the
     direct path."""
     return nbytes >= MIN_BYTES and (address - offset) % ALIGN == 0
+
+
+def warm(cached_pages: int, total_pages: int) -> bool:
+    """Whether a range with ``cached_pages`` of its ``total_pages`` in the page cache is read
+    through the cache (False when the kernel did not tell: ``total_pages == 0``)."""
+    return total_pages > 0 and cached_pages >= WARM_SHARE * total_pages

@@ -20,8 +20,14 @@ partial pages at both ends go through the page cache. That saves the kernel's co
 cache's bookkeeping (measured on the 2-core VM: buffered reads of two 1 GB files cost 1.7-2.5 s
 of system CPU, direct ones 0.1 s, at the same or a better rate), which on a CPU merge is CPU
 time the kernels get back. A file system that refuses ``O_DIRECT`` (tmpfs) is read buffered.
-Direct reads bypass the page cache also when the file is cached: pass ``direct=False`` (or set
-``MERGECORE_IO_DIRECT=0``) to read a model that is known to sit in the page cache.
+
+Warm files: when the reader opens a file it asks the kernel how much of it the page cache
+holds (``mincore`` on a mapping of the file; nothing is read). In a file that is mostly cached
+(``direct.warm``) the tensors of at least ``direct.MIN_BYTES`` are read through the page cache,
+which copies from memory, and with ``drop_cache`` their pages are *not* dropped: they were
+cached before the reader came and stay so (a second merge of a model family that fits in
+memory reads it from memory). The verdict is taken once per file, before the reader's own
+reads (whose read-ahead would make the next tensor look cached).
 """
 
 from __future__ import annotations
@@ -96,7 +102,8 @@ class TensorReader:
 
     ``nthreads``: threads used to split one large read (pure-Python path and native helper).
     ``drop_cache``: default for ``read_into(..., drop_cache=)``: after reading, advise the
-    kernel to drop the file pages just read (``POSIX_FADV_DONTNEED``).
+    kernel to drop the file pages just read (``POSIX_FADV_DONTNEED``), except those of a
+    warm tensor (module docstring).
     ``use_native``: None = use ``mergecore._C.pread_into`` when available; False = never;
     True = require it.
     ``direct``: read large tensors through an ``O_DIRECT`` descriptor when the destination
@@ -113,6 +120,11 @@ class TensorReader:
         if use_native is True and self._native is None:
             raise RuntimeError("mergecore._C.pread_into is not available (extension not built)")
         self._direct = None
+        self._cached_pages = None
+        if self._native is not None:
+            from mergecore import _C  # type: ignore[attr-defined]
+
+            self._cached_pages = getattr(_C, "cached_pages", None)
         if self._native is not None and hasattr(os, "O_DIRECT") and (
                 direct_io.enabled() if direct is None else direct):
             from mergecore import _C  # type: ignore[attr-defined]
@@ -121,6 +133,8 @@ class TensorReader:
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int] = {}  # -1: the file system refuses O_DIRECT
         self.direct_reads = 0  # reads that took the O_DIRECT path (tests, stats)
+        self.warm_reads = 0  # reads of tensors of warm files (tests, stats)
+        self._file_warm: dict[Path, bool] = {}  # taken when the file is opened
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
@@ -138,7 +152,26 @@ class TensorReader:
         a direct read (None: this read goes through the page cache, any buffer will do)."""
         if self._direct is None:
             return None
-        return direct_io.phase(info.data_start, info.nbytes)
+        phase = direct_io.phase(info.data_start, info.nbytes)
+        return None if phase is None or self._is_warm(info) else phase
+
+    def _is_warm(self, info: TensorInfo) -> bool:
+        """Whether ``info`` is read as warm: at least ``direct.MIN_BYTES``, in a warm file."""
+        if info.nbytes < direct_io.MIN_BYTES:
+            return False
+        self._fd(info.file)
+        return self._file_warm.get(info.file, False)
+
+    def _file_is_warm(self, fd: int) -> bool:
+        """Whether the page cache holds most of the open file ``fd`` (``direct.warm``); False
+        where the kernel does not tell or the extension is not built."""
+        if self._cached_pages is None:
+            return False
+        try:
+            cached, total = self._cached_pages(fd, 0, os.fstat(fd).st_size)
+        except OSError:
+            return False
+        return direct_io.warm(cached, total)
 
     # ----- file descriptors -----------------------------------------------------------------
     def _fd(self, file: Path) -> int:
@@ -148,6 +181,7 @@ class TensorReader:
             fd = self._fds.get(file)
             if fd is None:
                 fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._file_warm[file] = self._file_is_warm(fd)
                 if hasattr(os, "posix_fadvise"):
                     try:
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -251,8 +285,10 @@ class TensorReader:
         if info.nbytes == 0:
             return
         fd = self._fd(info.file)
+        warm = self._is_warm(info)
+        self.warm_reads += warm
         if self._native is not None:
-            direct = self._direct is not None and direct_io.congruent(
+            direct = not warm and self._direct is not None and direct_io.congruent(
                 buf.data_ptr(), info.data_start, info.nbytes)
             try:
                 dfd = self._direct_fd(info.file) if direct else -1
@@ -271,7 +307,7 @@ class TensorReader:
                     f"of tensor {info.name!r}: truncated file?")
         else:
             self._python_read(fd, buf, info)
-        if self.drop_cache if drop_cache is None else drop_cache:
+        if (self.drop_cache if drop_cache is None else drop_cache) and not warm:
             self.drop_cached_pages(info)
 
     def read_tensor(self, info: TensorInfo, *, pin_memory: bool = False,
