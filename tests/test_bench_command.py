@@ -72,6 +72,30 @@ def test_quick_bench_vs_mergekit_writes_table_json_and_chart(tmp_path):
     assert not list((tmp_path / "work").glob("family-*"))
 
 
+def test_direct_file_roofs_rewrite_and_read_the_file_through_o_direct(tmp_path):
+    """The direct roofs move the file's bytes (the rewritten file holds the block's bytes, read
+    back intact through the same path); the stage table takes the faster of the two roofs."""
+    from mergecore.benchmark.e2e import stage_table
+    from mergecore.benchmark.roofs import direct_file_roofs
+
+    path = tmp_path / "roof.bin"
+    path.write_bytes(bytes(3 * 8192 + 100))  # the tail past the last 4096 boundary stays
+    block = torch.randint(0, 256, (8192,), dtype=torch.uint8)
+    found = direct_file_roofs(path, block)
+    if not found:
+        pytest.skip("no O_DIRECT here (platform, file system or build)")
+    assert _positive(found["file_write_direct_gbps"]) and _positive(found["file_read_direct_gbps"])
+    data = path.read_bytes()
+    assert len(data) == 3 * 8192 + 100
+    assert data[:3 * 8192] == bytes(block.numpy()) * 3 and data[3 * 8192:] == bytes(100)
+    stats = {"read_busy": 1.0, "bytes_read": 1e9, "compute_busy": 1.0, "bytes_written": 1e9,
+             "write_busy": 1.0, "wall": 1.5}
+    roofs = {"memcpy_gbps": 20.0, "file_read_cold_gbps": 1.5, "file_read_cold_cached_share": 0.0,
+             "file_read_direct_gbps": 2.5, "file_write_gbps": 0.4, "file_write_direct_gbps": 0.3}
+    stages = stage_table(stats, roofs, "cpu")["stages"]
+    assert stages["read"]["roof_gbps"] == 2.5 and stages["write"]["roof_gbps"] == 0.4
+
+
 def test_projection_check_runs_two_depths(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["bench", str(tmp_path), "--quick", "--project", "--project-layers", "8",

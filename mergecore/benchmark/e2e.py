@@ -124,11 +124,19 @@ def write_config(work: Path, method: str, dirs: list[Path]) -> Path:
     return path
 
 
+def _faster(roofs: dict[str, Any], *keys: str) -> float | None:
+    """The largest of the roofs ``keys`` that were measured (None when none was): the file
+    stages are bounded by the faster of the buffered and the ``O_DIRECT`` rate."""
+    found = [roofs[k] for k in keys if roofs.get(k)]
+    return max(found) if found else None
+
+
 def stage_table(stats: dict[str, Any], roofs: dict[str, Any], device: str) -> dict[str, Any]:
     """Per-stage seconds, bytes, GB/s and roof; overlap; the bounding stage; input GB/s."""
     cuda = device.startswith("cuda")
     cold_ok = (roofs.get("file_read_cold_cached_share") or 0.0) < 0.5
-    read_roof = roofs.get("file_read_cold_gbps" if cold_ok else "file_read_warm_gbps")
+    read_roof = _faster(roofs, "file_read_cold_gbps" if cold_ok else "file_read_warm_gbps",
+                        "file_read_direct_gbps")
     stages: dict[str, dict[str, Any]] = {
         "read": {"seconds": stats["read_busy"], "bytes": stats["bytes_read"],
                  "roof_gbps": read_roof, "roof": "file read" + ("" if cold_ok else " (warm)")},
@@ -137,7 +145,8 @@ def stage_table(stats: dict[str, Any], roofs: dict[str, Any], device: str) -> di
                     "roof_gbps": roofs.get("d2d_copy_gbps" if cuda else "memcpy_gbps"),
                     "roof": "d2d copy" if cuda else "memcpy"},
         "write": {"seconds": stats["write_busy"], "bytes": stats["bytes_written"],
-                  "roof_gbps": roofs.get("file_write_gbps"), "roof": "file write"},
+                  "roof_gbps": _faster(roofs, "file_write_gbps", "file_write_direct_gbps"),
+                  "roof": "file write"},
     }
     if cuda and "h2d_busy" in stats:
         h2d, d2h = stats["h2d_bytes"], stats["d2h_bytes"]

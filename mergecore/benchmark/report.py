@@ -39,6 +39,8 @@ def _roof_rows(roofs: dict[str, Any]) -> list[dict[str, Any]]:
               ("file_write_gbps", "file write + fsync", None),
               ("file_read_cold_gbps", "file read, cold", "file_read_cold_cached_share"),
               ("file_read_warm_gbps", "file read, warm", "file_read_warm_cached_share"),
+              ("file_write_direct_gbps", "file write + fsync, direct", None),
+              ("file_read_direct_gbps", "file read, direct", None),
               ("h2d_pinned_gbps", "H2D (pinned)", None),
               ("d2h_pinned_gbps", "D2H (pinned)", None),
               ("d2d_copy_gbps", "D2D copy (read+write)", None)]

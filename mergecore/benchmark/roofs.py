@@ -3,13 +3,15 @@
 - ``memcpy``: a host copy of a large buffer; GB/s counts bytes read + bytes written, the
   ceiling of a memory-bound CPU kernel that reads its inputs and writes its output once.
 - ``file write`` / ``file read``: a file of random bytes in the benchmark directory, written
-  and fsynced, then read twice with buffered ``pread`` (the pipeline reads tensors of 1 MiB or
-  more with ``O_DIRECT`` instead, measured as fast on the 2-core VM at a tenth of the system
-  CPU; this roof is the page cache's rate): once "cold" (its
-  pages dropped from the page cache with ``POSIX_FADV_DONTNEED`` first) and once "warm"
-  (just read, so cached). Before each read the share of its pages in the page cache is
-  measured with ``mincore``, which says whether the cache served the read: a cold read
-  with a high resident share means the kernel did not honour the drop.
+  and fsynced, then read twice with buffered ``pread``: once "cold" (its pages dropped from
+  the page cache with ``POSIX_FADV_DONTNEED`` first) and once "warm" (just read, so cached).
+  Before each read the share of its pages in the page cache is measured with ``mincore``,
+  which says whether the cache served the read: a cold read with a high resident share means
+  the kernel did not honour the drop.
+- ``file write, direct`` / ``file read, direct``: the same file rewritten (then fsynced) and
+  read through ``O_DIRECT`` descriptors, the way the merge moves tensors of 1 MiB or more
+  (``mergecore.io.direct``); absent where the file system refuses ``O_DIRECT``. The end-to-end
+  stage table bounds reading and writing by the faster of the buffered and the direct rate.
 - CUDA: host-to-device from pinned memory, device-to-host into pinned memory (GB/s = bytes
   moved / time) and a device-to-device copy (bytes read + written), timed with CUDA events.
 """
@@ -123,10 +125,62 @@ def _read_file(path: Path, buf: torch.Tensor) -> int:
         os.close(fd)
 
 
-def file_roofs(directory: str | os.PathLike, nbytes: int) -> dict[str, Any]:
-    """Write, then read cold and warm, a file of ``nbytes`` random bytes in ``directory``.
+def _aligned_buffer(nbytes: int, align: int) -> torch.Tensor:
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % align
+    return raw[skip: skip + nbytes]
 
-    Returns GB/s for each and the page-cache share found before each read.
+
+def direct_file_roofs(path: Path, block: torch.Tensor) -> dict[str, float]:
+    """Rewrite ``path`` in place through an ``O_DIRECT`` descriptor (then fsync), and read it
+    back through one, as the merge moves its large tensors (``mergecore.io.direct``): GB/s of
+    each, over the file's size rounded down to ``direct.ALIGN``. Empty where the platform, the
+    file system or the build has no direct IO."""
+    from mergecore.io import direct as direct_io
+
+    try:
+        from mergecore import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    if not hasattr(os, "O_DIRECT") or not hasattr(_C, "pread_direct_into"):
+        return {}
+    align = direct_io.ALIGN
+    nbytes = path.stat().st_size // align * align
+    chunk = block.numel() // align * align
+    if nbytes == 0 or chunk == 0:
+        return {}
+    buf = _aligned_buffer(chunk, align)
+    buf.copy_(block[:chunk])
+    try:
+        dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        return {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = memoryview(buf.numpy())
+        start = time.perf_counter()
+        for off in range(0, nbytes, chunk):
+            os.pwrite(dfd, view[: min(chunk, nbytes - off)], off)
+        os.fsync(dfd)
+        write_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for off in range(0, nbytes, chunk):
+            _C.pread_direct_into(dfd, fd, off, min(chunk, nbytes - off), buf.data_ptr(), 4, align)
+        read_s = time.perf_counter() - start
+    except OSError:
+        return {}  # e.g. a file system that takes the open but refuses the transfers
+    finally:
+        os.close(dfd)
+        os.close(fd)
+    return {"file_write_direct_gbps": nbytes / write_s / 1e9,
+            "file_read_direct_gbps": nbytes / read_s / 1e9}
+
+
+def file_roofs(directory: str | os.PathLike, nbytes: int) -> dict[str, Any]:
+    """Write, then read cold and warm, a file of ``nbytes`` random bytes in ``directory``;
+    then the same through ``O_DIRECT`` (``direct_file_roofs``) where the file system allows.
+
+    Returns GB/s for each and the page-cache share found before each buffered read.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -154,9 +208,11 @@ def file_roofs(directory: str | os.PathLike, nbytes: int) -> dict[str, Any]:
         warm_s = time.perf_counter() - start
         if got != nbytes:
             raise OSError(f"read {got} of {nbytes} bytes back from {path}")
+        direct = direct_file_roofs(path, block)
     finally:
         path.unlink(missing_ok=True)
     return {
+        **direct,
         "file_bytes": nbytes,
         "file_write_gbps": nbytes / write_s / 1e9,
         "file_read_cold_gbps": nbytes / cold_s / 1e9,
