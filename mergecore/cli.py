@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mergecore.units import human_bytes, parse_size
+from mergecore.units import human_bytes, parse_size, positive_size
 
 
 def _add_merge_flags(p: argparse.ArgumentParser) -> None:
@@ -31,8 +31,9 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
                         " compatibility; shapes are still checked)")
     p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU kernel threads")
     p.add_argument("--random-seed", type=int, default=None, help="seed of the DARE random stream")
-    p.add_argument("--max-memory", type=parse_size, default=parse_size("2GiB"),
-                   help="budget for tensors in flight (default 2GiB)")
+    p.add_argument("--max-memory", type=positive_size, default=None,
+                   help="budget for tensors in flight (default: three of the largest tensor's "
+                        "inputs and output, at least 2GiB, at most half the available memory)")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true",
                           help="replace a non-empty output directory")
@@ -45,13 +46,25 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
                    help="check everything and print the plan (tensors, shards, bytes); merge nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="count", default=0)
-    # mergekit flags that have no effect here, accepted so existing command lines keep working
-    for flag in ("--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code", "--clone-tensors",
-                 "--read-to-gpu", "--safe-serialization", "--async-write", "--multi-gpu",
-                 "--gpu-rich"):
-        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--transformers-cache", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--lora-merge-cache", default=None, help=argparse.SUPPRESS)
+    # the negative forms of mergekit's switches
+    p.add_argument("--no-cuda", dest="cuda", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--no-quiet", dest="quiet", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--no-allow-crimes", dest="allow_crimes", action="store_false",
+                   help=argparse.SUPPRESS)
+    # mergekit's safe_serialization=False writes pickled .bin files; mergecore refuses it
+    p.add_argument("--safe-serialization", dest="safe_serialization", action="store_true",
+                   default=True, help=argparse.SUPPRESS)
+    p.add_argument("--no-safe-serialization", dest="safe_serialization", action="store_false",
+                   help=argparse.SUPPRESS)
+    # mergekit switches and options that have no effect here (mergecore streams, applies LoRA
+    # on the fly and runs no model code), accepted so existing command lines keep working
+    for flag in ("lazy-unpickle", "low-cpu-memory", "trust-remote-code", "clone-tensors",
+                 "read-to-gpu", "async-write", "multi-gpu", "unsafe-truncate-embeddings"):
+        p.add_argument(f"--{flag}", f"--no-{flag}", dest=f"ignored_{flag}", action="store_true",
+                       help=argparse.SUPPRESS)
+    p.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
+    for option in ("transformers-cache", "lora-merge-cache", "lora-merge-dtype"):
+        p.add_argument(f"--{option}", default=None, help=argparse.SUPPRESS)
     p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -85,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from mergecore.merge import MergeOptions, run_merge
 
+    if not args.safe_serialization:
+        raise ValueError("--no-safe-serialization asks for pickled PyTorch .bin files; mergecore "
+                         "writes safetensors only (drop the flag)")
     if args.num_threads:
         os.environ["MERGECORE_NUM_THREADS"] = str(args.num_threads)
     device = "cuda" if args.cuda else (args.device or "cpu")
@@ -115,7 +131,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"stage busy time: read {s.read_busy:.2f} s, compute {s.compute_busy:.2f} s, "
                   f"write {s.write_busy:.2f} s (wall {s.wall:.2f} s); "
-                  f"peak bytes in flight {human_bytes(s.peak_budget_bytes)}")
+                  f"peak bytes in flight {human_bytes(s.peak_budget_bytes)} of a "
+                  f"{human_bytes(s.budget_bytes)} budget")
     return 0
 
 

@@ -50,7 +50,7 @@ class MergeOptions:
     allow_crimes: bool = False
     num_threads: int | None = None
     random_seed: int | None = None
-    max_memory: int = 2 << 30
+    max_memory: int | None = None  # None: mergecore.budget.auto_budget
     overwrite: bool = False
     resume: bool = False
     quiet: bool = False

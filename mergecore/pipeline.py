@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mergecore.budget import ByteBudget
+from mergecore.budget import ByteBudget, auto_budget, available_memory
 from mergecore.buffer_pool import BufferPool
 from mergecore.dtypes import parse_dtype
 from mergecore.errors import NonFiniteError
@@ -46,7 +46,7 @@ class PipelineOptions:
     """Knobs of one run."""
 
     device: str = "cpu"
-    max_memory: int = 2 << 30
+    max_memory: int | None = None  # None: budget.auto_budget
     random_seed: int | None = None
     batch_elements: int = 1 << 22  # group consecutive tensors up to this many elements
     batch_tensors: int = 64
@@ -66,6 +66,7 @@ class PipelineStats:
     compute_busy: float = 0.0
     write_busy: float = 0.0
     peak_budget_bytes: int = 0
+    budget_bytes: int = 0  # the budget the run had (--max-memory, or the automatic one)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,10 +128,13 @@ class MergePipeline:
         self.writer = writer
         self.options = options
         self.device = torch.device(options.device)
-        self.budget = ByteBudget(options.max_memory)
+        self._adapters = PlanAdapters.for_plan(plan.tensors)
+        self.max_memory = options.max_memory if options.max_memory is not None else auto_budget(
+            max((sum(self._held_bytes(t)) for t in plan.tensors), default=0), available_memory())
+        self.budget = ByteBudget(self.max_memory)
         # the pool keeps its buffers (free or in use) within the budget's size; it exceeds that
         # only while the budget itself lets one oversized tensor through
-        self.pool = BufferPool(options.max_memory, pin_memory=self.device.type == "cuda")
+        self.pool = BufferPool(self.max_memory, pin_memory=self.device.type == "cuda")
         self.stats = PipelineStats()
         self._to_compute: queue.Queue = queue.Queue()
         self._to_write: queue.Queue = queue.Queue()
@@ -139,15 +143,20 @@ class MergePipeline:
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._h2d = TransferTimer() if self._cuda else None
         self._d2h = TransferTimer() if self._cuda else None
-        self._adapters = PlanAdapters.for_plan(plan.tensors)
+
+    def _held_bytes(self, planned) -> tuple[int, int, int]:
+        """What one tensor holds of the budget while in flight: its distinct inputs, its
+        output and its adapters' factors (bytes)."""
+        in_bytes, out_bytes = _item_bytes(planned)
+        extra = self._adapters.extra_bytes(planned) if self._adapters else 0
+        return in_bytes, out_bytes, extra
 
     # ----- stage 1: read ------------------------------------------------------------------
     def _read_all(self) -> None:
         for planned in self.plan.tensors:
             if self._stop.is_set():
                 break
-            in_bytes, out_bytes = _item_bytes(planned)
-            extra = self._adapters.extra_bytes(planned) if self._adapters else 0
+            in_bytes, out_bytes, extra = self._held_bytes(planned)
             self.budget.acquire(in_bytes + out_bytes + extra)
             start = time.perf_counter()
             buffers: dict[tuple, torch.Tensor] = {}
@@ -379,6 +388,7 @@ class MergePipeline:
                 raise err
         self.stats.wall = time.perf_counter() - start
         self.stats.peak_budget_bytes = self.budget.peak
+        self.stats.budget_bytes = self.max_memory
         self.stats.extra.update(pool_allocations=self.pool.allocations,
                                 pool_reuses=self.pool.reuses)
         if self._cuda:  # GPU-side copy times (the host clocks above only see launches)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 _SUFFIX = {
@@ -20,6 +21,18 @@ def parse_size(text: str | int) -> int:
     if not match or match.group(2).upper() not in _SUFFIX:
         raise ValueError(f"cannot read {text!r} as a size (examples: 5B, 500M, 2GiB, 1000000)")
     return int(float(match.group(1)) * _SUFFIX[match.group(2).upper()])
+
+
+def positive_size(text: str | int) -> int:
+    """``parse_size`` for command-line sizes that must be at least one byte; errors are
+    ``argparse.ArgumentTypeError``, which argparse prints after the flag's name."""
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return size
 
 
 def human_bytes(n: float) -> str:

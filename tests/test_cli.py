@@ -64,6 +64,67 @@ def test_config_errors_are_all_listed_before_any_output(tmp_path, family, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("size", ["0", "-5", "2XB"])
+def test_a_bad_max_memory_is_a_usage_error_naming_the_flag(tmp_path, family, capsys, size):
+    cfg = _config(tmp_path, _ties(*family))
+    with pytest.raises(SystemExit) as stop:
+        main(["merge", str(cfg), str(tmp_path / "out"), "--max-memory", size])
+    assert stop.value.code == 2
+    assert "--max-memory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_verbose_merge_reports_the_budget(tmp_path, family, capsys):
+    cfg = _config(tmp_path, _ties(*family))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "-v", "--max-memory", "3MiB"]) == 0
+    assert "of a 3.0 MiB budget" in capsys.readouterr().out
+
+
+def _mergekit_command_lines():
+    """Every option of mergekit-yaml (read from its click command), each as the argument list
+    a user would type: switches and their --no- forms alone, options with a value."""
+    click = pytest.importorskip("click")
+    run_yaml = pytest.importorskip("mergekit.scripts.run_yaml")
+    values = {click.INT: "2", click.STRING: "x"}
+    lines = []
+    for param in run_yaml.main.params:
+        if not isinstance(param, click.Option):
+            continue
+        if param.is_flag or param.count:
+            lines += [[opt] for opt in param.opts + param.secondary_opts]
+        else:
+            lines += [[opt, values.get(param.type, "1B")] for opt in param.opts]
+    return lines
+
+
+def test_every_mergekit_yaml_option_is_accepted(tmp_path, family):
+    """A mergekit-yaml command line works unchanged with `mergecore merge`: every option
+    mergekit 0.1.5 defines parses (no usage error)."""
+    from mergecore.cli import build_parser
+
+    lines = _mergekit_command_lines()
+    assert len(lines) > 30
+    parser = build_parser()
+    for extra in lines:
+        args = parser.parse_args(["merge", "c.yml", "out", *extra])
+        assert args.command == "merge", extra
+
+
+def test_a_typical_mergekit_command_line_merges(tmp_path, family):
+    cfg = _config(tmp_path, _ties(*family))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--lazy-unpickle", "--allow-crimes",
+                 "--out-shard-size", "1B", "--copy-tokenizer", "--low-cpu-memory",
+                 "--write-threads", "2", "--no-cuda", "--quiet"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_no_safe_serialization_is_refused_before_anything_is_written(tmp_path, family, capsys):
+    cfg = _config(tmp_path, _ties(*family))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--no-safe-serialization"]) == 1
+    assert "safetensors only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_python_dash_m_entry_point(tmp_path, family):
     cfg = _config(tmp_path, _ties(*family))
     proc = subprocess.run([sys.executable, "-m", "mergecore", "merge", str(cfg),

@@ -24,7 +24,7 @@ import torch
 from mergecore.benchmark import e2e, kernels, projection, report, roofs, shapes
 from mergecore.benchmark.timing import device_name, git_commit, require_device
 from mergecore.dtypes import parse_dtype
-from mergecore.units import parse_size
+from mergecore.units import parse_size, positive_size
 
 QUICK = {"memcpy": 16 << 20, "file": 16 << 20, "cuda": 64 << 20, "repeats": 2}
 FULL = {"memcpy": 256 << 20, "file": 1 << 30, "cuda": 1 << 30, "repeats": 3}
@@ -63,8 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per kernel")
     p.add_argument("--io-size", type=parse_size, default=None,
                    help="size of the file-read roof's file (default 1GiB, 16MiB with --quick)")
-    p.add_argument("--max-memory", type=parse_size, default=parse_size("2GiB"),
-                   help="the merge's budget for tensors in flight (default 2GiB)")
+    p.add_argument("--max-memory", type=positive_size, default=None,
+                   help="the merge's budget for tensors in flight (default: the merge's "
+                        "automatic one, as `mergecore merge` without --max-memory)")
     p.add_argument("--json", default=None, help="JSON output (default: DIR/bench-*.json)")
     p.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
     p.add_argument("--keep", action="store_true", help="keep the generated families")
@@ -188,8 +189,8 @@ def _e2e_run(work: Path, shape: str, layers: int, args: argparse.Namespace, devi
                "inputs_cached_share": stats["inputs_cached_share"],
                "plan_and_files_seconds": stats["command_seconds"] - stats["wall"],
                "peak_budget_bytes": stats["peak_budget_bytes"], "max_memory": args.max_memory,
-               "pipeline_stats": stats}
-        run["budget_note"] = e2e.budget_note(run, shape, layers, args.max_memory)
+               "budget_bytes": stats["budget_bytes"], "pipeline_stats": stats}
+        run["budget_note"] = e2e.budget_note(run, shape, layers, stats["budget_bytes"])
         if args.vs == "mergekit":
             run["vs_mergekit"] = e2e.compare_commands(config, work, device, args.max_memory,
                                                       inputs, step)

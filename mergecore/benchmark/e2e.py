@@ -185,7 +185,7 @@ def budget_note(run: dict[str, Any], shape: str, layers: int, max_memory: int) -
     largest = max(math.prod(s) for _, s in llama_tensor_specs(preset_key(shape), layers)) * 2
     models = run["input_bytes"] / model_bytes(shape, layers)
     item = (models + 1) * largest
-    if max_memory >= 3 * item:
+    if max_memory >= 0.99 * 3 * item:  # item is estimated from the preset: a 1% tolerance
         return None
     return (f"the memory budget ({max_memory / 2**30:.1f} GiB) holds {max_memory / item:.1f} of "
             f"the largest tensor's inputs and output ({item / 1e9:.2f} GB): stages wait for each "
@@ -193,7 +193,7 @@ def budget_note(run: dict[str, Any], shape: str, layers: int, max_memory: int) -
             "overlap")
 
 
-def run_pipeline(config: Path, out_dir: Path, device: str, max_memory: int,
+def run_pipeline(config: Path, out_dir: Path, device: str, max_memory: int | None,
                  inputs: list[Path]) -> dict[str, Any]:
     """mergecore's merge of ``config`` in this process; its ``PipelineStats`` as a dict, plus
     the plan time and the inputs' page-cache share before the run."""
@@ -246,9 +246,11 @@ def run_command(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, 
     return {"seconds": wall, "peak_rss_bytes": peak}
 
 
-def mergecore_command(config: Path, out_dir: Path, device: str, max_memory: int) -> list[str]:
+def mergecore_command(config: Path, out_dir: Path, device: str,
+                      max_memory: int | None) -> list[str]:
+    budget = [] if max_memory is None else ["--max-memory", str(max_memory)]
     return [sys.executable, "-m", "mergecore", "merge", str(config), str(out_dir), "--overwrite",
-            "--quiet", "--max-memory", str(max_memory), "--device", device]
+            "--quiet", *budget, "--device", device]
 
 
 def mergekit_command(config: Path, out_dir: Path, device: str) -> list[str]:
@@ -265,7 +267,7 @@ def mergekit_available() -> bool:
     return True
 
 
-def compare_commands(config: Path, work: Path, device: str, max_memory: int,
+def compare_commands(config: Path, work: Path, device: str, max_memory: int | None,
                      inputs: list[Path], step: Callable[[str], None] | None = None
                      ) -> dict[str, Any]:
     """``mergecore merge`` and ``mergekit-yaml`` on the same YAML, each from a cold cache, each
