@@ -5,7 +5,8 @@ with ``pip install .``, ``pip install -e .`` and ``python setup.py build_ext --i
 
 Flags: ``-O3`` and ``-ffp-contract=off`` (no fused multiply-add contraction, so every
 instruction-set clone computes bit-identical results); no ``-march=native``: the hot loops
-carry ``target_clones`` (AVX2 + baseline) chosen at load time, so the binary stays portable.
+carry ``target_clones`` (AVX-512 as x86-64-v4, AVX2, baseline) chosen at load time, so the
+binary stays portable.
 OpenMP (``-fopenmp``) is used when the compiler supports it; otherwise the kernels run on one
 thread. ``MERGECORE_BUILD_JOBS`` sets the number of parallel compile jobs (default: all CPUs).
 ``MERGECORE_NO_OPENMP=1`` builds without OpenMP.
