@@ -196,6 +196,26 @@ def describe_plan(plan, options: MergeOptions, *, verbose: int = 0) -> str:
     return "\n".join(lines)
 
 
+def describe_budget(plan, options: MergeOptions) -> str:
+    """The memory budget the merge of ``plan`` would run with, and where it comes from."""
+    from mergecore.lora.inputs import PlanAdapters
+    from mergecore.pipeline import largest_held, run_budget
+    from mergecore.units import human_bytes
+
+    adapters = PlanAdapters.for_plan(plan.tensors)
+    try:
+        budget = run_budget(plan.tensors, adapters, options.max_memory)
+        largest = largest_held(plan.tensors, adapters)
+    finally:
+        if adapters is not None:
+            adapters.close()
+    how = ("--max-memory" if options.max_memory is not None else
+           "automatic: three of the largest tensor's inputs and output, at least 2 GiB, at most "
+           "half the available memory")
+    return (f"memory budget: {human_bytes(budget)} ({how}); the largest tensor holds "
+            f"{human_bytes(largest)} in flight")
+
+
 def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
              tokenizer_source: Path | None = None, fingerprint: str | None = None,
              resume: ResumeState | None = None) -> MergeResult:
@@ -289,6 +309,7 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                                    random_seed=options.random_seed, device=options.device)
     if options.dry_run:
         print(describe_plan(plan, options, verbose=options.verbose))
+        print(describe_budget(plan, options))
     input_dirs = {Path(i.info.file).parent for t in plan.tensors for i in t.inputs}
     with OutputLock(out_dir) as lock:  # held until the output is finalized or abandoned
         state = check_output(out_dir, options, shards, fingerprint, input_dirs=input_dirs,

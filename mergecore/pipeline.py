@@ -95,6 +95,27 @@ def _item_bytes(planned) -> tuple[int, int]:
     return in_bytes, out_bytes
 
 
+def held_bytes(planned, adapters: PlanAdapters | None) -> tuple[int, int, int]:
+    """What one planned tensor holds of the budget while in flight: its distinct inputs, its
+    output and its adapters' factors and working copies (bytes)."""
+    in_bytes, out_bytes = _item_bytes(planned)
+    extra = adapters.extra_bytes(planned) if adapters else 0
+    return in_bytes, out_bytes, extra
+
+
+def largest_held(tensors, adapters: PlanAdapters | None) -> int:
+    """The most any one of ``tensors`` holds of the budget (``held_bytes``, summed)."""
+    return max((sum(held_bytes(t, adapters)) for t in tensors), default=0)
+
+
+def run_budget(tensors, adapters: PlanAdapters | None, max_memory: int | None) -> int:
+    """The budget of a run over ``tensors``: ``max_memory``, or when None the automatic one
+    (``budget.auto_budget`` of ``largest_held``)."""
+    if max_memory is not None:
+        return max_memory
+    return auto_budget(largest_held(tensors, adapters), available_memory())
+
+
 class _Stage(threading.Thread):
     """A worker thread that records the first exception it hits."""
 
@@ -129,8 +150,7 @@ class MergePipeline:
         self.options = options
         self.device = torch.device(options.device)
         self._adapters = PlanAdapters.for_plan(plan.tensors)
-        self.max_memory = options.max_memory if options.max_memory is not None else auto_budget(
-            max((sum(self._held_bytes(t)) for t in plan.tensors), default=0), available_memory())
+        self.max_memory = run_budget(plan.tensors, self._adapters, options.max_memory)
         self.budget = ByteBudget(self.max_memory)
         # the pool keeps its buffers (free or in use) within the budget's size; it exceeds that
         # only while the budget itself lets one oversized tensor through
@@ -145,11 +165,7 @@ class MergePipeline:
         self._d2h = TransferTimer() if self._cuda else None
 
     def _held_bytes(self, planned) -> tuple[int, int, int]:
-        """What one tensor holds of the budget while in flight: its distinct inputs, its
-        output and its adapters' factors (bytes)."""
-        in_bytes, out_bytes = _item_bytes(planned)
-        extra = self._adapters.extra_bytes(planned) if self._adapters else 0
-        return in_bytes, out_bytes, extra
+        return held_bytes(planned, self._adapters)
 
     # ----- stage 1: read ------------------------------------------------------------------
     def _read_all(self) -> None:

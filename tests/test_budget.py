@@ -7,6 +7,7 @@ import yaml
 
 from mergecore import budget
 from mergecore.io import open_checkpoint
+from mergecore.units import human_bytes
 
 GIB = 1 << 30
 
@@ -61,3 +62,22 @@ def test_an_explicit_max_memory_is_the_budget(small_family, tmp_path):
                        MergeOptions(quiet=True, max_memory=3 << 20))
     assert result.stats.budget_bytes == 3 << 20
     assert result.stats.peak_budget_bytes <= 3 << 20
+
+
+def test_dry_run_states_the_budget_the_merge_would_use(small_family, tmp_path, capsys,
+                                                       monkeypatch):
+    from mergecore.cli import main
+
+    monkeypatch.setattr(budget, "AUTO_MIN", 1)
+    largest = max(info.nbytes for info in open_checkpoint(small_family[1]).tensors.values())
+    cfg = _linear_config(tmp_path, small_family)
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--dry-run"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("memory budget")]
+    want = (f"memory budget: {human_bytes(9 * largest)} (automatic: three of the largest "
+            "tensor's inputs and output, at least 2 GiB, at most half the available memory); "
+            f"the largest tensor holds {human_bytes(3 * largest)} in flight")
+    assert line == [want]
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--dry-run",
+                 "--max-memory", "5MiB"]) == 0
+    assert "memory budget: 5.0 MiB (--max-memory)" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
