@@ -164,15 +164,12 @@ class MergePipeline:
         self._h2d = TransferTimer() if self._cuda else None
         self._d2h = TransferTimer() if self._cuda else None
 
-    def _held_bytes(self, planned) -> tuple[int, int, int]:
-        return held_bytes(planned, self._adapters)
-
     # ----- stage 1: read ------------------------------------------------------------------
     def _read_all(self) -> None:
         for planned in self.plan.tensors:
             if self._stop.is_set():
                 break
-            in_bytes, out_bytes, extra = self._held_bytes(planned)
+            in_bytes, out_bytes, extra = held_bytes(planned, self._adapters)
             self.budget.acquire(in_bytes + out_bytes + extra)
             start = time.perf_counter()
             buffers: dict[tuple, torch.Tensor] = {}

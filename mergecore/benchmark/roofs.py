@@ -18,8 +18,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import time
 from pathlib import Path
@@ -58,50 +56,26 @@ def drop_page_cache(paths: list[Path] | list[str]) -> None:
             os.close(fd)
 
 
-def _libc() -> Any | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    return libc
-
-
 def resident_fraction(paths: list[Path] | list[str]) -> float | None:
-    """Share of the pages of ``paths`` held in the page cache (``mincore``); None if unknown."""
+    """Share of the pages of ``paths`` held in the page cache (``_C.cached_pages``: mmap +
+    mincore, nothing is read); None when unknown (no compiled extension, or the kernel will
+    not tell)."""
     try:
-        libc = _libc()
-    except OSError:
+        from mergecore import _C  # type: ignore[attr-defined]
+    except ImportError:
         return None
-    if libc is None:
-        return None
-    page = os.sysconf("SC_PAGE_SIZE")
-    resident = total = 0
+    cached = total = 0
     for path in paths:
-        size = os.path.getsize(path)
-        if size == 0:
-            continue
         fd = os.open(path, os.O_RDONLY)
         try:
-            addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return None
-            try:
-                pages = (size + page - 1) // page
-                vec = (ctypes.c_ubyte * pages)()
-                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
-                    return None
-                resident += sum(b & 1 for b in vec)
-                total += pages
-            finally:
-                libc.munmap(ctypes.c_void_p(addr), size)
+            got, pages = _C.cached_pages(fd, 0, os.fstat(fd).st_size)
         finally:
             os.close(fd)
-    return resident / total if total else None
+        if pages == 0 and os.path.getsize(path) > 0:
+            return None
+        cached += got
+        total += pages
+    return cached / total if total else None
 
 
 def _read_file(path: Path, buf: torch.Tensor) -> int:

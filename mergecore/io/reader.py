@@ -125,11 +125,8 @@ class TensorReader:
             from mergecore import _C  # type: ignore[attr-defined]
 
             self._cached_pages = getattr(_C, "cached_pages", None)
-        if self._native is not None and hasattr(os, "O_DIRECT") and (
-                direct_io.enabled() if direct is None else direct):
-            from mergecore import _C  # type: ignore[attr-defined]
-
-            self._direct = getattr(_C, "pread_direct_into", None)
+            if hasattr(os, "O_DIRECT") and (direct_io.enabled() if direct is None else direct):
+                self._direct = getattr(_C, "pread_direct_into", None)
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int] = {}  # -1: the file system refuses O_DIRECT
         self.direct_reads = 0  # reads that took the O_DIRECT path (tests, stats)
@@ -159,7 +156,7 @@ class TensorReader:
         """Whether ``info`` is read as warm: at least ``direct.MIN_BYTES``, in a warm file."""
         if info.nbytes < direct_io.MIN_BYTES:
             return False
-        self._fd(info.file)
+        self._fd(info.file)  # opening the file takes its verdict
         return self._file_warm.get(info.file, False)
 
     def _file_is_warm(self, fd: int) -> bool:
