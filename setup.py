@@ -9,7 +9,8 @@ carry ``target_clones`` (AVX-512 as x86-64-v4, AVX2, baseline) chosen at load ti
 binary stays portable.
 OpenMP (``-fopenmp``) is used when the compiler supports it; otherwise the kernels run on one
 thread. ``MERGECORE_BUILD_JOBS`` sets the number of parallel compile jobs (default: all CPUs).
-``MERGECORE_NO_OPENMP=1`` builds without OpenMP.
+``MERGECORE_NO_OPENMP=1`` builds without OpenMP. ``MERGECORE_CPU_TARGETS`` chooses the clones
+(``_clone_macros``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def _compiler_accepts(compiler, flags: list[str]) -> bool:
     return True
 
 
+def _clone_macros() -> list[tuple[str, str]]:
+    """``MERGECORE_CPU_TARGETS`` (e.g. ``avx2,default``; ``default`` must be one of them): the
+    instruction-set clones of the hot loops, instead of csrc/common.h's own (x86-64-v4, avx2,
+    default). scripts/test-cpu-clones.sh builds such a copy to test the AVX2 clone."""
+    targets = [t.strip() for t in os.environ.get("MERGECORE_CPU_TARGETS", "").split(",")]
+    targets = [t for t in targets if t]
+    return [("MC_CPU_TARGETS", ",".join(f'"{t}"' for t in targets))] if targets else []
+
+
 class BuildExt(build_ext):
     """pybind11's build_ext plus an OpenMP probe."""
 
@@ -66,6 +76,7 @@ ext_modules = [
         "mergecore._C",
         SOURCES,
         include_dirs=["csrc"],
+        define_macros=_clone_macros(),
         extra_compile_args=list(BASE_FLAGS),
         cxx_std=17,
     )

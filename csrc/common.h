@@ -30,10 +30,20 @@ constexpr size_t RBLOCK = 4096;
 // baseline); the loader picks the best the CPU has at run time, so the binary stays portable
 // (no global -march=native). The AVX-512 clone has twice the vector registers, which the
 // fused TIES loop needs: 1.1 vs 0.9 Gelem/s per thread on the 2-core Zen 4 VM.
+// A build may choose its clones: MC_CPU_TARGETS, e.g. "avx2","default" (setup.py sets it from
+// MERGECORE_CPU_TARGETS; scripts/test-cpu-clones.sh uses that to test the AVX2 clone on CPUs
+// that would run the AVX-512 one).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MC_NO_CLONES)
-#define MC_HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#ifndef MC_CPU_TARGETS
+#define MC_CPU_TARGETS "arch=x86-64-v4", "avx2", "default"
+#endif
+#define MC_HOT __attribute__((target_clones(MC_CPU_TARGETS)))
+#define MC_STRINGIFY_(...) #__VA_ARGS__
+#define MC_STRINGIFY(...) MC_STRINGIFY_(__VA_ARGS__)
+#define MC_HOT_TARGETS MC_STRINGIFY(MC_CPU_TARGETS)
 #else
 #define MC_HOT
+#define MC_HOT_TARGETS "none"
 #endif
 #define MC_INLINE inline __attribute__((always_inline))
 // Lambdas are separate functions: without this they would be compiled for the baseline target

@@ -348,6 +348,7 @@ PYBIND11_MODULE(_C, m) {
       "Test hook: Philox4x32-10 words of elements [start, start + count) into a uint32 buffer, "
       "from the implementation named impl (one of PHILOX_IMPLS).");
   m.attr("PHILOX_IMPLS") = mc::philox_impls();
+  m.attr("CPU_TARGETS") = MC_HOT_TARGETS;  // the hot loops' instruction-set clones
   m.def("pread_into", &pread_into, py::arg("fd"), py::arg("file_offset"), py::arg("nbytes"),
         py::arg("dst_addr"), py::arg("nthreads") = 1,
         "Read nbytes at file_offset of fd into dst_addr (threads split large reads); returns "
