@@ -123,18 +123,21 @@ def prepare_output(out_dir: Path, options: MergeOptions, shards, state: ResumeSt
     """Make ``out_dir`` ready for the writer: with --resume keep the verified shards (and say
     so), else an empty directory (--overwrite empties an existing one). ``lock`` is taken on a
     directory created here (a merge that created it at the same moment wins, the other stops)."""
-    if options.resume:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if lock is not None and not lock.acquire():
-            raise FileExistsError(busy_message(out_dir))
-        prepare_resume_dir(out_dir, shards, state)
-        if not options.quiet:
-            print(state.summary(len(shards.shards)), file=sys.stderr)
-        return
     out_dir.mkdir(parents=True, exist_ok=True)
     if lock is not None and not lock.acquire():
         raise FileExistsError(busy_message(out_dir))
-    _prepare_out_dir(out_dir, options.overwrite)
+    if not options.resume:
+        _prepare_out_dir(out_dir, options.overwrite)
+        return
+    prepare_resume_dir(out_dir, shards, state)
+    if not options.quiet:
+        print(state.summary(len(shards.shards)), file=sys.stderr)
+
+
+def input_directories(tensors) -> set[Path]:
+    """The directories of every input file of the planned ``tensors`` (the output directory
+    may not be one of them)."""
+    return {Path(i.info.file).parent for t in tensors for i in t.inputs}
 
 
 def remaining_tensors(tensors: list, shards, completed: dict[str, str | None]) -> list:
@@ -310,9 +313,9 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     if options.dry_run:
         print(describe_plan(plan, options, verbose=options.verbose))
         print(describe_budget(plan, options))
-    input_dirs = {Path(i.info.file).parent for t in plan.tensors for i in t.inputs}
     with OutputLock(out_dir) as lock:  # held until the output is finalized or abandoned
-        state = check_output(out_dir, options, shards, fingerprint, input_dirs=input_dirs,
+        state = check_output(out_dir, options, shards, fingerprint,
+                             input_dirs=input_directories(plan.tensors),
                              tokenizer_source=source, lock=lock)
         if options.dry_run:
             return MergeResult(out_dir, [], PipelineStats(), plan)

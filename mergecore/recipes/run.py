@@ -35,6 +35,7 @@ from mergecore.merge import (
     _Progress,
     check_output,
     describe_plan,
+    input_directories,
     prepare_output,
     remaining_tensors,
     with_output_problems,
@@ -111,11 +112,6 @@ def _writer(out_dir: Path, plan, options: MergeOptions) -> StreamingWriter:
     return StreamingWriter(out_dir, plan_shards(entries, options.out_shard_size))
 
 
-def _input_dirs(recipe: RecipePlan) -> set[Path]:
-    """The directories of every original input file (the output may not be one of them)."""
-    return {Path(i.info.file).parent for t in recipe.tensors for i in t.inputs}
-
-
 def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                options: MergeOptions | None = None) -> MergeResult:
     """Plan and run a multi-stage recipe into ``out_dir`` (see the module docstring)."""
@@ -151,7 +147,8 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
     """The output side of ``run_recipe``: checks, then the fused pass (``lock`` held)."""
     if options.dry_run:
         print(describe_recipe(recipe, options, verbose=options.verbose))
-    state = check_output(out_dir, options, shards, fingerprint, input_dirs=_input_dirs(recipe),
+    state = check_output(out_dir, options, shards, fingerprint,
+                         input_dirs=input_directories(recipe.tensors),
                          tokenizer_source=source, lock=lock)
     if options.dry_run:
         return MergeResult(out_dir, [], PipelineStats(), recipe)
