@@ -7,6 +7,12 @@ the number of elements one program handles per tile.
 
 from __future__ import annotations
 
+# No fused multiply-add contraction: every product and sum is rounded on its own, as in the C++
+# kernels (-ffp-contract=off) and in Triton's interpreter, so the compiled kernels give the
+# bits the CPU tests checked (a contracted w*d + s can flip a TIES sign election where the sum
+# is near zero). The memory-bound kernels lose nothing measurable by it.
+FP_FUSION = False
+
 # Elementwise kernels. lerp2 (slerp's second pass) needs few registers; the fused combine
 # keeps several fp32 accumulators per element, so it runs smaller tiles to keep more warps
 # resident (H100: 4096 elements / 8 warps used 233 registers per thread -> 8 warps per SM).

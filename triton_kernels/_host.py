@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from triton_kernels import _config
+
 MAX_NUMEL = (1 << 31) - 1  # element indices are int32 inside the selection kernels
 
 
@@ -22,6 +24,12 @@ def interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch_options(num_warps: int) -> dict:
+    """Compiler options of every launch: the warp count, and FMA contraction as ``_config``
+    says (pinned, so a Triton release that changes its default does not change results)."""
+    return {"num_warps": num_warps, "enable_fp_fusion": _config.FP_FUSION}
 
 
 def f32_bits(x: float) -> int:

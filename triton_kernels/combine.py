@@ -40,6 +40,7 @@ from triton_kernels._host import (
     cdiv,
     f32_bits,
     group_by,
+    launch_options,
     rel_offset,
     upload_launch,
 )
@@ -177,5 +178,5 @@ def combine_many(jobs: Sequence[Combine]) -> None:
             in_ref, out_ref, jobs_t, models_t, pj_t, pt_t,
             HAS_BASE=has_base, ELECT=mode == "elect", TOPS=tops, RANDOM=random, NM=nm,
             MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
-            MROW=_MODEL, num_warps=_config.COMBINE_WARPS,
+            MROW=_MODEL, **launch_options(_config.COMBINE_WARPS),
         )

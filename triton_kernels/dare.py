@@ -30,6 +30,7 @@ from triton_kernels._host import (
     all_aligned,
     cdiv,
     group_by,
+    launch_options,
     rel_offset,
     sum_partials,
     upload_launch,
@@ -223,7 +224,7 @@ def masked_l1_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, tuple]]) -> 
         _l1_kernel[(grid,)](
             ref, jobs_t, pj_t, pt_t, partial,
             MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block, ROW=width,
-            TOPS=tops, RANDOM=random, num_warps=_config.L1_WARPS,
+            TOPS=tops, RANDOM=random, **launch_options(_config.L1_WARPS),
         )
         for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
             results[i] = (s[0], s[1])

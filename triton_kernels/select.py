@@ -44,6 +44,7 @@ from triton_kernels._host import (
     all_aligned,
     cdiv,
     group_by,
+    launch_options,
     rel_offset,
     upload_launch,
 )
@@ -448,19 +449,19 @@ class _Run:
         for p in range(4):
             _digit_kernel[(self.nseg * self.nprog_digit,)](
                 self.ref, segs_t, self.cnt64, self.hist, self.cand_key, self.nprog_digit,
-                P=p, FROM_CAND=fc, BLOCK=_config.DIGIT_BLOCK, num_warps=_config.DIGIT_WARPS,
+                P=p, FROM_CAND=fc, BLOCK=_config.DIGIT_BLOCK, **launch_options(_config.DIGIT_WARPS),
             )
         _pick_kernel[(self.nseg,)](segs_t, self.cnt64, self.hist, self.res, FROM_CAND=fc,
-                                   num_warps=1)
+                                   **launch_options(1))
         _tcount_kernel[(self.nseg * self.nprog_count,)](
             self.ref, segs_t, self.res, self.cnt64, self.tcnt, self.cand_key, self.cand_idx,
             self.nprog_count, FROM_CAND=fc, BLOCK=_config.DIGIT_BLOCK,
-            TILE=_config.SELECT_BLOCK, num_warps=_config.DIGIT_WARPS,
+            TILE=_config.SELECT_BLOCK, **launch_options(_config.DIGIT_WARPS),
         )
         _resolve_kernel[(self.nseg,)](
             self.ref, segs_t, self.res, self.tiletab, self.tcnt, self.cand_key, self.cand_idx,
             FROM_CAND=fc, BLOCK=_config.SELECT_BLOCK, RBLOCK=_config.RESOLVE_BLOCK,
-            num_warps=_config.SELECT_WARPS,
+            **launch_options(_config.SELECT_WARPS),
         )
         res = self.res.view(self.nseg, _RES).cpu().tolist()
         return [(int(r[0]), int(r[4]), bool(r[3])) for r in res]
@@ -552,19 +553,19 @@ def _run_sampled(pairs, want) -> list[tuple[int, int, bool]]:
     if composite:
         samples = torch.empty(sfirst, dtype=torch.int64, device=device)
         _sample_kernel[grid](ref, sample_t, samples, COMPOSITE=True,
-                             BLOCK=_config.SAMPLE_BLOCK, num_warps=4)
+                             BLOCK=_config.SAMPLE_BLOCK, **launch_options(4))
         sorted_keys = torch.sort(samples).values  # the sample (<= n/16 keys), not the tensor
     else:
         samples = torch.empty((len(order), most), dtype=torch.int32, device=device)
         _sample_kernel[grid](ref, sample_t, samples, COMPOSITE=False,
-                             BLOCK=_config.SAMPLE_BLOCK, num_warps=4)
+                             BLOCK=_config.SAMPLE_BLOCK, **launch_options(4))
         sorted_keys = torch.sort(samples, dim=1).values.reshape(-1)
     aligned = all_aligned([ref], offsets)
     run = _Run(device, seg_rows, True, ref, aligned)
     _scan_kernel[(sum(ntiles),)](
         ref, group_t, row_t, segs_t, pj_t, pt_t, sorted_keys, run.cnt64, run.cand_key,
         run.cand_idx, run.tiletab,
-        MULTI=multi, ALIGNED=aligned, BLOCK=block, num_warps=_config.SELECT_WARPS,
+        MULTI=multi, ALIGNED=aligned, BLOCK=block, **launch_options(_config.SELECT_WARPS),
     )
     found = run.finish(segs_t)
     if not all(f[2] for f in found):

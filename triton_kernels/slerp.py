@@ -21,6 +21,7 @@ from triton_kernels._host import (
     cdiv,
     f32_bits,
     group_by,
+    launch_options,
     rel_offset,
     sum_partials,
     upload_launch,
@@ -113,7 +114,7 @@ def reduce_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tupl
         _reduce_kernel[(grid,)](
             ref, jobs_t, pj_t, pt_t, partial,
             MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block,
-            num_warps=_config.REDUCE_WARPS,
+            **launch_options(_config.REDUCE_WARPS),
         )
         for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
             results[i] = (s[0], s[1], s[2])
@@ -142,5 +143,5 @@ def lerp_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, flo
         _lerp_kernel[(sum(ntiles),)](
             in_ref, out_ref, jobs_t, pj_t, pt_t,
             MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
-            num_warps=_config.LERP_WARPS,
+            **launch_options(_config.LERP_WARPS),
         )
