@@ -3,7 +3,8 @@
 The rest of the suite runs the Triton kernels in the interpreter, which never compiles them.
 Here ``mergecore.testing.triton_compile`` records the launches of every merge operation (bf16,
 the quick workload) and compiles each through Triton's full pipeline down to a cubin, then
-checks registers and shared memory against the GPU's limits. No GPU is needed: only Triton's
+checks registers and shared memory against the GPU's limits, and that the streaming kernels'
+aligned variants load and store in 128-bit accesses. No GPU is needed: only Triton's
 compiler and the ptxas / cuobjdump it ships.
 """
 
@@ -21,6 +22,8 @@ import pytest
 from mergecore.testing import triton_compile as tc
 
 ROOT = Path(__file__).resolve().parent.parent
+STREAMING = {"_lerp_kernel", "_reduce_kernel", "_combine_kernel", "_l1_kernel"}
+STREAMING_STORES = {"_lerp_kernel", "_combine_kernel"}  # the others store per-program sums
 
 
 def _toolchain_missing() -> str | None:
@@ -75,6 +78,13 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         assert r["error"] is None
         assert 0 < r["registers"] <= tc.MAX_REGISTERS, r
         assert r["shared_bytes"] <= tc.MAX_SHARED_BYTES, r
+        # the streaming kernels' aligned variants must move memory in 128-bit accesses (the
+        # launcher's alignment hint reached the loads); they are bound by memory bandwidth
+        kernel = r["label"].split("[")[0]
+        if kernel in STREAMING and "ALIGNED=True" in r["label"]:
+            assert r["vector_loads"] > 0, r
+            if kernel in STREAMING_STORES:
+                assert r["vector_stores"] > 0, r
 
 
 @requires_toolchain

@@ -16,7 +16,8 @@ GPU has, or spill registers to the stack. This module closes that gap without a 
    types and alignments and call the kernel's ``warmup``, which runs Triton's full pipeline
    (TTIR, TTGIR, LLVM IR, PTX, cubin through ptxas) for the target, here a stand-in driver
    that names the architecture, and launches nothing. ``cuobjdump`` (shipped with Triton) then
-   reads the cubin's registers, stack (spills) and shared memory per kernel.
+   reads the cubin's registers, stack (spills) and shared memory per kernel, and the PTX
+   tells whether global loads and stores were vectorized to 128 bits.
 
 Usage: ``python -m mergecore.testing.triton_compile [--arch 90] [--json FILE] [--quick]``.
 """
@@ -71,6 +72,9 @@ class Compiled:
     registers: int | None = None
     stack_bytes: int | None = None  # per thread: register spills and local arrays
     shared_bytes: int | None = None
+    # 128-bit global loads / stores in the PTX: how the compiler vectorized memory access
+    vector_loads: int | None = None
+    vector_stores: int | None = None
     seconds: float = 0.0
     error: str | None = None
 
@@ -230,6 +234,8 @@ def _rebuild_arg(desc: list):
     return float(desc[1])
 
 
+_VECTOR_LOAD = re.compile(r"\bld\.global[\w.:]*?\.v4\.[bfu]32\b")
+_VECTOR_STORE = re.compile(r"\bst\.global[\w.:]*?\.v4\.[bfu]32\b")
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -280,6 +286,9 @@ def compile_launches(launches: list[dict], arch: int) -> list[Compiled]:
                 regs, stack, shared = _resources(compiled.asm["cubin"])
                 result.registers, result.stack_bytes = regs, stack
                 result.shared_bytes = max(shared, int(compiled.metadata.shared))
+                ptx = compiled.asm["ptx"]
+                result.vector_loads = len(_VECTOR_LOAD.findall(ptx))
+                result.vector_stores = len(_VECTOR_STORE.findall(ptx))
             except Exception as exc:  # noqa: BLE001 - every failure is reported, not raised
                 result.error = f"{type(exc).__name__}: {exc}"[:2000]
             result.seconds = time.perf_counter() - start
@@ -305,13 +314,14 @@ def problems(results: list[Compiled]) -> list[str]:
 
 def table(results: list[Compiled]) -> str:
     width = max((len(r.label) for r in results), default=10)
-    lines = [f"{'kernel specialization':<{width}}  arch  regs  stack  shared  seconds"]
+    lines = [f"{'kernel specialization':<{width}}  arch  regs  stack  shared  ld128  st128  seconds"]
     for r in results:
         if r.error:
             lines.append(f"{r.label:<{width}}  {r.arch:>4}  FAILED: {r.error.splitlines()[0]}")
         else:
             lines.append(f"{r.label:<{width}}  {r.arch:>4}  {r.registers:>4}  {r.stack_bytes:>5}"
-                         f"  {r.shared_bytes:>6}  {r.seconds:>7.1f}")
+                         f"  {r.shared_bytes:>6}  {r.vector_loads:>5}  {r.vector_stores:>5}"
+                         f"  {r.seconds:>7.1f}")
     return "\n".join(lines)
 
 
