@@ -8,7 +8,8 @@ from this pool and gives them back when the bytes were consumed: in steady state
 faulted in twice.
 
 Matching: a request of ``n`` bytes takes the smallest free buffer whose capacity is in
-``[n, max(n * fit, size(n))]``, where ``size(n)`` is ``n`` rounded up to ``granule``;
+``[n, max(n * fit, size(n))]``, where ``size(n)`` is ``n`` rounded up to ``granule`` (for
+pinned buffers, then to a power of two: what PyTorch's pinned allocator pins);
 otherwise a new buffer of ``size(n)`` bytes is made.
 Bound: when the buffers' total capacity would pass ``capacity``, free buffers are dropped,
 least recently given back first. Buffers in use are never dropped (the pipeline's
@@ -60,8 +61,17 @@ class BufferPool:
                 self._in_use[view.data_ptr()] = self._in_use.pop(base.data_ptr())
         return view
 
-    def _take(self, nbytes: int) -> torch.Tensor:
+    def buffer_size(self, nbytes: int) -> int:
+        """Bytes of the buffer made for a request of ``nbytes``: rounded up to ``granule``;
+        pinned buffers to a power of two, because PyTorch's pinned (caching host) allocator
+        pins that much anyway, and the pool's accounting must count what is pinned."""
         size = max(self.granule, -(-nbytes // self.granule) * self.granule)
+        if self.pin_memory:
+            size = 1 << (size - 1).bit_length()
+        return size
+
+    def _take(self, nbytes: int) -> torch.Tensor:
+        size = self.buffer_size(nbytes)
         largest = max(size, nbytes * self.fit)
         with self._lock:
             best = None
@@ -74,11 +84,17 @@ class BufferPool:
                 self._in_use[best[0]] = best[1]  # keyed by the view's first byte
                 self.reuses += 1
                 return best[1][:nbytes]
+            dropped = []
             while self._free and self.total + size > self.capacity:
-                _, dropped = self._free.popitem(last=False)
-                self.total -= dropped.numel()
+                dropped.append(self._free.popitem(last=False)[1])
+                self.total -= dropped[-1].numel()
             self.total += size
             self.allocations += 1
+        if dropped and self.pin_memory:
+            # the pinned allocator keeps freed blocks pinned for reuse; unpin them now, or the
+            # page-locked memory would grow past the pool's capacity
+            del dropped
+            _release_cached_pinned_memory()
         buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
         with self._lock:
             self._in_use[buf.data_ptr()] = buf
@@ -104,3 +120,12 @@ class BufferPool:
             for buf in self._free.values():
                 self.total -= buf.numel()
             self._free.clear()
+
+
+def _release_cached_pinned_memory() -> None:
+    """Unpin the pinned host blocks PyTorch's allocator caches but nothing uses."""
+    release = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if release is None:  # older torch
+        release = getattr(torch._C, "_host_emptyCache", None)
+    if release is not None:
+        release()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mergecore import faults, preflight
 from mergecore.config.errors import ConfigError
+from mergecore.devices import check_device
 from mergecore.dtypes import dtype_name
 from mergecore.heap import release_freed_memory_promptly
 from mergecore.interrupt import handle_termination, keeps_progress
@@ -294,6 +295,7 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     options = options or MergeOptions()
     if options.overwrite and options.resume:
         raise ValueError("--overwrite and --resume exclude each other")
+    options.device = check_device(options.device)  # before the output directory is touched
     out_dir = Path(out_dir)
     if is_recipe(config_path):
         return run_recipe(config_path, out_dir, options)

@@ -135,9 +135,16 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
     if prims is not None:
         for k, c in zip(native, prims.count_nonfinite_many([tensors[k] for k in native])):
             counts[k] = c
-    return [c if c is not None else
-            (int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0)
-            for c, t in zip(counts, tensors)]
+    rest: dict[torch.device, list[int]] = {}
+    for k, c in enumerate(counts):
+        if c is None and tensors[k].is_floating_point():
+            rest.setdefault(tensors[k].device, []).append(k)
+    for ks in rest.values():
+        # one read-back per device (on a GPU, each int() would wait for the stream)
+        found = torch.stack([(~torch.isfinite(tensors[k])).sum() for k in ks]).tolist()
+        for k, v in zip(ks, found):
+            counts[k] = int(v)
+    return [c if c is not None else 0 for c in counts]
 
 
 def _check_finite(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor],

@@ -18,6 +18,7 @@ instead of being faulted in (and, on CUDA, pinned) afresh.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -173,7 +174,7 @@ class MergePipeline:
             self.budget.acquire(in_bytes + out_bytes + extra)
             start = time.perf_counter()
             buffers: dict[tuple, torch.Tensor] = {}
-            inputs = []
+            inputs, keys = [], []
             for inp in planned.inputs:
                 key = (str(inp.info.file), inp.info.data_start)
                 if key not in buffers:
@@ -183,6 +184,7 @@ class MergePipeline:
                     self.reader.read_into(inp.info, buf)
                     self.stats.bytes_read += inp.info.nbytes
                 inputs.append(_as_tensor(buffers[key], inp.info, inp.rows))
+                keys.append(key)
             item = _Item(planned, inputs, in_bytes, out_bytes, extra_bytes=extra,
                          pooled=list(buffers.values()))
             if self._adapters is not None:
@@ -191,11 +193,16 @@ class MergePipeline:
             if self._cuda:
                 with torch.cuda.stream(self._copy_stream):
                     began = self._h2d.begin(self._copy_stream)
-                    item.inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                    # each stored tensor crosses once, even when several inputs use it (a
+                    # model and the same model + LoRA); the inputs are views of the copies
+                    on_device = {key: buf.to(self.device, non_blocking=True)
+                                 for key, buf in buffers.items()}
+                    item.inputs = [_as_tensor(on_device[key], inp.info, inp.rows)
+                                   for key, inp in zip(keys, planned.inputs)]
                     if item.lora is not None:
                         item.lora = updates_to(item.lora, self.device, non_blocking=True)
                     self._h2d.end(began, self._copy_stream,
-                                  sum(t.numel() * t.element_size() for t in inputs)
+                                  sum(b.numel() for b in on_device.values())
                                   + sum(u.nbytes for u in item.lora or () if u))
                     item.ready = torch.cuda.Event()
                     item.ready.record(self._copy_stream)
@@ -265,7 +272,13 @@ class MergePipeline:
         jobs, job_items, fused, results, tails = [], [], [], {}, {}
         for k, item in enumerate(items):
             if item.ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(item.ready)
+                compute_stream = torch.cuda.current_stream(self.device)
+                compute_stream.wait_event(item.ready)
+                # the device inputs were allocated on the copy stream: without this, the
+                # caching allocator could hand their memory to the next H2D copy as soon as
+                # this batch drops them, while kernels queued here may still read them
+                for t in item.inputs + [t for u in item.lora or () if u for t in u.tensors()]:
+                    t.record_stream(compute_stream)
             item.inputs = apply_updates(item.inputs, item.lora)
             if item.planned.method == "copy":
                 src = item.inputs[0]
@@ -386,7 +399,9 @@ class MergePipeline:
         writer.start()
         compute_error: BaseException | None = None
         try:
-            self._compute_all()
+            # kernels launch on the current CUDA device: make it the merge's (cuda:1 ...)
+            with torch.cuda.device(self.device) if self._cuda else contextlib.nullcontext():
+                self._compute_all()
         except BaseException as exc:  # noqa: BLE001
             compute_error = exc
             self._fail()

@@ -103,6 +103,35 @@ def test_output_path_that_is_a_file(tmp_path, small_family, capsys):
     assert "exists and is not a directory" in capsys.readouterr().err
 
 
+def _device_error(flag: list[str]) -> str:
+    """The error a device flag this machine cannot honour should produce."""
+    import torch
+
+    if flag == ["--device", "gpu"]:
+        return "not a device"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return "CUDA device(s)"  # cuda:99 beyond the GPUs present
+
+
+@pytest.mark.parametrize("flag", [["--cuda"], ["--device", "cuda:99"], ["--device", "gpu"]],
+                         ids=["cuda", "cuda99", "gpu"])
+def test_unusable_device_is_refused_before_the_output_is_emptied(tmp_path, small_family, capsys,
+                                                                 flag):
+    import torch
+
+    if flag == ["--cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --cuda is usable here")
+    cfg = _write(tmp_path / "c.yml", _ties(*small_family))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier-result.txt").write_text("keep me")
+    assert main(["merge", str(cfg), str(out), "--overwrite", "--quiet", *flag]) == 1
+    err = capsys.readouterr().err
+    assert _device_error(flag) in err and flag[-1].removeprefix("--") in err
+    assert _files(out) == {"earlier-result.txt": b"keep me"}
+
+
 _SMALL_DISK = """
 mount -t tmpfs -o size=256k tmpfs "$MNT" || exit 77
 "$PY" -m mergecore merge "$CFG" "$MNT/out" --quiet

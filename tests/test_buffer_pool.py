@@ -65,6 +65,17 @@ def test_take_places_a_view_at_the_asked_phase_and_gives_it_back(phase):
     pool.give(again)
 
 
+def test_pinned_buffers_are_counted_at_the_size_the_pinned_allocator_pins():
+    # PyTorch's caching host allocator rounds a pinned request up to a power of two; the pool
+    # makes its pinned buffers that size, so its capacity bounds the memory actually pinned
+    pinned = BufferPool(1 << 30, pin_memory=True, granule=1 << 16)
+    plain = BufferPool(1 << 30, granule=1 << 16)
+    for n in (1, 65536, 65537, 3 * 2**20 + 5, 1_100_000_000):
+        size = pinned.buffer_size(n)
+        assert size >= n and size & (size - 1) == 0 and size < 2 * max(n, 1 << 16)
+        assert plain.buffer_size(n) % (1 << 16) == 0 and n <= plain.buffer_size(n) < n + (1 << 16)
+
+
 def test_give_rejects_foreign_buffers():
     pool = BufferPool(1 << 20)
     with pytest.raises(ValueError, match="not a buffer taken"):

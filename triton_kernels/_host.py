@@ -8,6 +8,7 @@ GPU.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Sequence
 
@@ -30,6 +31,15 @@ def launch_options(num_warps: int) -> dict:
     """Compiler options of every launch: the warp count, and FMA contraction as ``_config``
     says (pinned, so a Triton release that changes its default does not change results)."""
     return {"num_warps": num_warps, "enable_fp_fusion": _config.FP_FUSION}
+
+
+def on_device(device: torch.device):
+    """Context in which a launch runs on ``device``: Triton launches on the *current* CUDA
+    device and its current stream, whatever device the tensors are on, so a launch for
+    ``cuda:1`` must make cuda:1 current (torch ops on the tensors already use its stream)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def f32_bits(x: float) -> int:
@@ -117,13 +127,19 @@ def upload_launch(parts: Sequence, ntiles: Sequence[int], device: torch.device):
 
 def sum_partials(partial: torch.Tensor, prog_job: torch.Tensor, njobs: int,
                  multi: bool) -> list[list[float]]:
-    """Per-job float64 sums of the per-program fp32 partial rows of a reduction launch."""
+    """Per-job float64 sums of the per-program fp32 partial rows of a reduction launch.
+
+    Summed on the host, in program order: a GPU ``index_add_`` adds with float64 atomics in
+    no fixed order, so two runs of one merge could differ in the last bits of a slerp angle
+    or a DARE rescale factor. The partials are a few floats per 4096 elements, and reading
+    the sums back synchronizes anyway."""
+    partial = partial.double().cpu()
     if multi:
-        sums = torch.zeros((njobs, partial.shape[1]), dtype=torch.float64, device=partial.device)
-        sums.index_add_(0, prog_job, partial.double())
+        sums = torch.zeros((njobs, partial.shape[1]), dtype=torch.float64)
+        sums.index_add_(0, prog_job.cpu(), partial)
     else:
-        sums = partial.sum(0, keepdim=True, dtype=torch.float64)
-    return sums.cpu().tolist()
+        sums = partial.sum(0, keepdim=True)
+    return sums.tolist()
 
 
 def cdiv(a: int, b: int) -> int:

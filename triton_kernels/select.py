@@ -45,6 +45,7 @@ from triton_kernels._host import (
     cdiv,
     group_by,
     launch_options,
+    on_device,
     rel_offset,
     upload_launch,
 )
@@ -604,23 +605,24 @@ def select_top_many(
                 want.append((j, q, int(k)))
     pairs = [(job[0], job[1]) for job in jobs]
     groups = group_by(want, lambda w: (jobs[w[0]][0].device, jobs[w[0]][0].dtype))
-    for idx in groups.values():
-        batch = [(want[w][0], want[w][2]) for w in idx]
-        if _config.SELECT_STRATEGY == "radix":
-            found = _run_radix(pairs, batch)
-            STATS["radix"] += len(batch)
-        else:
-            found = _run_sampled(pairs, batch)
-            missed = [m for m, f in enumerate(found) if not f[2]]
-            STATS["sampled"] += len(batch) - len(missed)
-            STATS["fallback"] += len(missed)
-            if missed:
-                redo = _run_radix(pairs, [batch[m] for m in missed])
-                for m, f in zip(missed, redo):
-                    found[m] = f
-        for w, (t, cut, ok) in zip(idx, found):
-            if not ok:
-                raise RuntimeError(f"select job {want[w][0]}: radix selection failed for "
-                                   f"k={want[w][2]} (internal error)")
-            out[want[w][0]][want[w][1]] = (t, cut)
+    for (device, _dtype), idx in groups.items():
+        with on_device(device):  # Triton launches on the current device
+            batch = [(want[w][0], want[w][2]) for w in idx]
+            if _config.SELECT_STRATEGY == "radix":
+                found = _run_radix(pairs, batch)
+                STATS["radix"] += len(batch)
+            else:
+                found = _run_sampled(pairs, batch)
+                missed = [m for m, f in enumerate(found) if not f[2]]
+                STATS["sampled"] += len(batch) - len(missed)
+                STATS["fallback"] += len(missed)
+                if missed:
+                    redo = _run_radix(pairs, [batch[m] for m in missed])
+                    for m, f in zip(missed, redo):
+                        found[m] = f
+            for w, (t, cut, ok) in zip(idx, found):
+                if not ok:
+                    raise RuntimeError(f"select job {want[w][0]}: radix selection failed for "
+                                       f"k={want[w][2]} (internal error)")
+                out[want[w][0]][want[w][1]] = (t, cut)
     return out

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mergecore.devices import check_device
+
 
 def git_commit() -> str:
     """Short hash of the checkout mergecore runs from ("unknown" for an installed wheel).
@@ -82,12 +84,5 @@ def time_median(fn: Callable[[], Any], device: str, *, repeats: int = 5, warmup:
 
 
 def require_device(device: str) -> str:
-    """``device`` if it can run here; a clear error for CUDA on a machine without CUDA."""
-    kind = torch.device(device).type
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda or 'none'}); run with --device cpu")
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: only cpu and cuda are supported")
-    return device
+    """``device`` if it can run here (see :func:`mergecore.devices.check_device`)."""
+    return check_device(device)

@@ -76,10 +76,13 @@ class LoraUpdate:
     scale: float = 1.0
     transpose: bool = False
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this update holds."""
+        return [t for t in (self.replace, self.lora_a, self.lora_b, self.bias) if t is not None]
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.replace, self.lora_a, self.lora_b, self.bias) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LoraUpdate:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
