@@ -9,7 +9,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mergecore.units import human_bytes, parse_size, positive_size
+from mergecore import __version__
+from mergecore.units import human_bytes, positive_int, positive_size
+
+# mergekit-yaml switches and options that have no effect here (mergecore streams, applies LoRA
+# on the fly and runs no model code), accepted so existing command lines keep working
+IGNORED_SWITCHES = ("lazy-unpickle", "low-cpu-memory", "trust-remote-code", "clone-tensors",
+                    "read-to-gpu", "async-write", "multi-gpu", "unsafe-truncate-embeddings")
+IGNORED_OPTIONS = ("transformers-cache", "lora-merge-cache", "lora-merge-dtype")
+_MERGE_EPILOG = (
+    "mergekit-yaml's other options ("
+    + ", ".join(f"--{f}" for f in (*IGNORED_SWITCHES, "gpu-rich", *IGNORED_OPTIONS,
+                                   "write-threads"))
+    + ") are accepted so existing command lines keep working, and have no effect: mergecore "
+    "streams, applies LoRA on the fly and runs no model code. --no-safe-serialization is "
+    "refused (safetensors only).")
 
 
 def _add_merge_flags(p: argparse.ArgumentParser) -> None:
@@ -18,7 +32,7 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--cuda", action="store_true", help="compute on the GPU (same as --device cuda)")
     dev.add_argument("--device", default=None, help="compute device: cpu, cuda, cuda:1 ...")
-    p.add_argument("--out-shard-size", default="5B", type=parse_size,
+    p.add_argument("--out-shard-size", default="5B", type=positive_size,
                    help="bytes per output shard (default 5B = 5e9, like mergekit)")
     p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
                    help="copy the tokenizer of the base (or tokenizer_source) model (default)")
@@ -29,7 +43,8 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-crimes", action="store_true",
                    help="allow merging models of different architectures (accepted for mergekit"
                         " compatibility; shapes are still checked)")
-    p.add_argument("-j", "--num-threads", type=int, default=None, help="CPU kernel threads")
+    p.add_argument("-j", "--num-threads", type=positive_int, default=None,
+                   help="CPU kernel threads (default: all CPUs)")
     p.add_argument("--random-seed", type=int, default=None, help="seed of the DARE random stream")
     p.add_argument("--max-memory", type=positive_size, default=None,
                    help="budget for tensors in flight (default: three of the largest tensor's "
@@ -45,7 +60,10 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check everything and print the plan (tensors, shards, bytes); merge nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="say more (-v: the memory budget, and with --dry-run every tensor's "
+                        "inputs and resolved parameters; -vv: debug logging); errors then show "
+                        "their traceback")
     # the negative forms of mergekit's switches
     p.add_argument("--no-cuda", dest="cuda", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--no-quiet", dest="quiet", action="store_false", help=argparse.SUPPRESS)
@@ -56,14 +74,11 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
                    default=True, help=argparse.SUPPRESS)
     p.add_argument("--no-safe-serialization", dest="safe_serialization", action="store_false",
                    help=argparse.SUPPRESS)
-    # mergekit switches and options that have no effect here (mergecore streams, applies LoRA
-    # on the fly and runs no model code), accepted so existing command lines keep working
-    for flag in ("lazy-unpickle", "low-cpu-memory", "trust-remote-code", "clone-tensors",
-                 "read-to-gpu", "async-write", "multi-gpu", "unsafe-truncate-embeddings"):
+    for flag in IGNORED_SWITCHES:
         p.add_argument(f"--{flag}", f"--no-{flag}", dest=f"ignored_{flag}", action="store_true",
                        help=argparse.SUPPRESS)
     p.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
-    for option in ("transformers-cache", "lora-merge-cache", "lora-merge-dtype"):
+    for option in IGNORED_OPTIONS:
         p.add_argument(f"--{option}", default=None, help=argparse.SUPPRESS)
     p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -73,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mergecore",
         description="Fast merging of LLM weights; a drop-in for mergekit-yaml.",
     )
+    parser.add_argument("--version", action="version", version=f"mergecore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    merge = sub.add_parser("merge", help="run a mergekit YAML merge")
+    merge = sub.add_parser("merge", help="run a mergekit YAML merge", epilog=_MERGE_EPILOG)
     _add_merge_flags(merge)
     verify = sub.add_parser("verify", help="check a merged output: index, shard headers, "
                             "checksums, config")

@@ -84,7 +84,8 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str, *,
                  input_dirs: set[Path], tokenizer_source: Path | None,
-                 lock: OutputLock | None = None) -> ResumeState:
+                 lock: OutputLock | None = None,
+                 config_path: str | os.PathLike | None = None) -> ResumeState:
     """Every output-side problem at once (``OutputCheckError``): the directory (not being
     written by another merge: ``lock`` is taken when it exists; empty unless
     --overwrite/--resume; writable; none of ``input_dirs``), what ``--resume`` keeps (verified
@@ -95,6 +96,8 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
                                             resume=options.resume)
     input_dirs = input_dirs | ({tokenizer_source} if tokenizer_source is not None else set())
     problems += preflight.input_overlap_problems(out_dir, input_dirs)
+    problems += preflight.config_inside_output_problems(out_dir, config_path,
+                                                        options.keep_intermediates)
     state = ResumeState()
     if options.resume and not problems:
         try:
@@ -170,6 +173,36 @@ class _Progress:
             self.bar.close()
 
 
+def report_warnings(warnings: list[str]) -> None:
+    """Print the config's and the plan's warnings to stderr, each once (also with --quiet:
+    they say that something in the config is ignored or changed)."""
+    for line in dict.fromkeys(warnings):
+        print(f"mergecore: warning: {line}", file=sys.stderr)
+
+
+def budget_warnings(tensors, options: MergeOptions) -> list[str]:
+    """A warning when ``--max-memory`` is below what one tensor needs: the pipeline then lets
+    that tensor through alone, so the budget is exceeded (better said up front)."""
+    if options.max_memory is None:
+        return []
+    from mergecore.lora.inputs import PlanAdapters
+    from mergecore.pipeline import largest_held
+    from mergecore.units import human_bytes
+
+    adapters = PlanAdapters.for_plan(tensors)
+    try:
+        largest = largest_held(tensors, adapters)
+    finally:
+        if adapters is not None:
+            adapters.close()
+    if largest <= options.max_memory:
+        return []
+    need = human_bytes(largest)
+    return [(f"--max-memory {human_bytes(options.max_memory)} is below the {need} the largest "
+             "tensor holds in flight (its inputs and output): such a tensor is merged alone "
+             "and takes what it needs, beyond the budget")]
+
+
 def describe_plan(plan, options: MergeOptions, *, verbose: int = 0) -> str:
     """The plan as text: tensors, their inputs, shards, bytes to read and write."""
     from mergecore.units import human_bytes
@@ -190,14 +223,31 @@ def describe_plan(plan, options: MergeOptions, *, verbose: int = 0) -> str:
     ]
     lines += [f"  {spec.filename}: {len(spec.entries)} tensors, {human_bytes(spec.data_bytes)}"
               for spec in shards.shards]
-    lines += [f"warning: {w}" for w in plan.warnings]
     if verbose:
-        for t in plan.tensors:
-            inputs = ", ".join(f"{Path(i.info.file).parent.name}"
-                               f"{'+' + Path(i.adapter).name if i.adapter else ''}:{i.info.name}"
-                               for i in t.inputs)
-            lines.append(f"  {t.name} {list(t.shape)} {t.out_dtype} <- {t.method}({inputs})")
+        lines += [f"  {t.name} {list(t.shape)} {t.out_dtype} <- {_describe_call(t)}"
+                  for t in plan.tensors]
     return "\n".join(lines)
+
+
+def _param_text(params: dict) -> str:
+    """``{"t": 0.35, "normalize": True}`` -> ``"t=0.35, normalize=True"``."""
+    return ", ".join(f"{k}={format(v, 'g') if isinstance(v, float) else v}"
+                     for k, v in params.items() if v is not None)
+
+
+def _describe_call(t) -> str:
+    """One planned tensor as a call with its resolved parameters (after gradients, filters
+    and precedence): ``ties[normalize=True](base:NAME, ft1:NAME{weight=1, density=0.5})``."""
+    per_input = t.input_params or {}
+    parts = []
+    for k, i in enumerate(t.inputs):
+        mine = _param_text({key: values[k] for key, values in per_input.items()
+                             if values is not None and k < len(values)})
+        parts.append(f"{Path(i.info.file).parent.name}"
+                     f"{'+' + Path(i.adapter).name if i.adapter else ''}:{i.info.name}"
+                     + (f"{{{mine}}}" if mine else ""))
+    params = _param_text(t.global_params or {})
+    return f"{t.method}{f'[{params}]' if params else ''}({', '.join(parts)})"
 
 
 def describe_budget(plan, options: MergeOptions) -> str:
@@ -295,6 +345,11 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     options = options or MergeOptions()
     if options.overwrite and options.resume:
         raise ValueError("--overwrite and --resume exclude each other")
+    config_file = Path(config_path)
+    if not config_file.is_file():
+        what = "is a directory" if config_file.is_dir() else "does not exist"
+        raise ValueError(f"config file {os.fspath(config_path)!r} {what} (expected a mergekit "
+                         "YAML file)")
     options.device = check_device(options.device)  # before the output directory is touched
     out_dir = Path(out_dir)
     if is_recipe(config_path):
@@ -305,6 +360,7 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                           allow_crimes=options.allow_crimes)
     except ConfigError as exc:
         raise with_output_problems(exc, out_dir, options) from None
+    report_warnings(plan.warnings + budget_warnings(plan.tensors, options))
     if options.random_seed is None and plan.random_seed is not None:
         options.random_seed = plan.random_seed
     source = Path(plan.tokenizer_path) if plan.tokenizer_path else None
@@ -318,7 +374,7 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     with OutputLock(out_dir) as lock:  # held until the output is finalized or abandoned
         state = check_output(out_dir, options, shards, fingerprint,
                              input_dirs=input_directories(plan.tensors),
-                             tokenizer_source=source, lock=lock)
+                             tokenizer_source=source, lock=lock, config_path=config_path)
         if options.dry_run:
             return MergeResult(out_dir, [], PipelineStats(), plan)
         prepare_output(out_dir, options, shards, state, lock)

@@ -20,7 +20,7 @@ tags:
 ---
 # {title}
 
-This model was merged with [mergecore](https://github.com/) (a faster drop-in for mergekit),
+This model was merged with mergecore {version} (a faster drop-in for mergekit),
 from the configuration below.
 
 ## Merge details
@@ -55,11 +55,14 @@ def write_config_json(out_dir: Path, config: dict[str, Any] | None) -> None:
 
 def write_model_card(out_dir: Path, *, method: str, base_model: str | None,
                      models: Iterable[str], dtype: str, yaml_text: str) -> None:
-    """A README.md that states the method, the inputs and the YAML."""
+    """A README.md that states the method, the inputs, the mergecore version and the YAML."""
+    from mergecore import __version__
+
     models = list(dict.fromkeys(models))
     base_models = "\n".join(f"- {m}" for m in models) or "- (none)"
     text = MODEL_CARD_TEMPLATE.format(
         title=out_dir.name,
+        version=__version__,
         base_models=base_models,
         method=method,
         base_line=f"\n- Base model: `{base_model}`" if base_model else "",

@@ -37,7 +37,6 @@ All problems are collected and raised together in one ``ConfigError``.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,8 +70,6 @@ from mergecore.config.schema import (
     parse_model_ref,
 )
 from mergecore.io.types import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Checkpoint, TensorInfo
-
-LOG = logging.getLogger(__name__)
 
 #: Name parts of tensors indexed by the vocabulary (used when a config has no vocab_size).
 _VOCAB_NAME_MARKERS = ("embed", "lm_head", "wte", "word_embeddings", "tok_embeddings",
@@ -281,7 +278,6 @@ class _Planner:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
-        LOG.warning("%s", message)
 
     def checkpoint(self, ref: ModelRef) -> Checkpoint | None:
         ckpt = self.checkpoints.get(ref.ref)

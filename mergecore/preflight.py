@@ -9,13 +9,24 @@ keeps). Every problem found is returned as one line; the caller raises them all 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from mergecore.io.checkpoint import TOKENIZER_FILE_NAMES, TOKENIZER_GLOBS
 from mergecore.io.safetensors_format import header_bytes
-from mergecore.io.writer import ShardPlan
+from mergecore.io.writer import MANIFEST_NAME, ShardPlan
 from mergecore.units import human_bytes
+
+#: The files a merge output (mergecore's or mergekit's) consists of. ``--overwrite`` empties a
+#: directory only when it holds nothing else: it replaces an earlier merge, and never deletes
+#: what a merge did not write (notes, a config being edited, a whole project folder).
+OUTPUT_ENTRY_PATTERNS = (
+    "*.safetensors", "*.safetensors.index.json", ".*.safetensors.partial",
+    "*.bin", "*.bin.index.json", "config.json", "generation_config.json", "README.md",
+    "mergekit_config.yml", MANIFEST_NAME, *TOKENIZER_FILE_NAMES, *TOKENIZER_GLOBS,
+)
 
 #: Room kept for config.json, the model card, the YAML and the manifest.
 METADATA_ALLOWANCE = 1 << 20
@@ -58,9 +69,57 @@ def directory_problems(out_dir: Path, *, overwrite: bool, resume: bool) -> list[
     if out_dir.is_dir() and not (overwrite or resume) and any(out_dir.iterdir()):
         problems.append(f"output directory {str(out_dir)!r} is not empty; pass --overwrite to "
                         "replace it or --resume to finish an interrupted merge into it")
+    if out_dir.is_dir() and overwrite:
+        problems += overwrite_problems(out_dir)
     anchor = _existing_ancestor(out_dir)
     if not os.access(anchor, os.W_OK | os.X_OK):
         problems.append(f"output directory {str(out_dir)!r}: {str(anchor)!r} is not writable")
+    return problems
+
+
+def foreign_entries(out_dir: Path) -> list[str]:
+    """Entries of ``out_dir`` that no merge writes (subdirectories end in ``/``)."""
+    found = []
+    for entry in sorted(Path(out_dir).iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            found.append(entry.name + "/")
+        elif not any(fnmatch.fnmatch(entry.name, p) for p in OUTPUT_ENTRY_PATTERNS):
+            found.append(entry.name)
+    return found
+
+
+def overwrite_problems(out_dir: Path) -> list[str]:
+    """``--overwrite`` replaces an earlier merge output; a directory that also holds other
+    files or any subdirectory is refused, naming them (nothing is deleted)."""
+    foreign = foreign_entries(out_dir)
+    if not foreign:
+        return []
+    shown = ", ".join(foreign[:6]) + (", ..." if len(foreign) > 6 else "")
+    one = len(foreign) == 1
+    return [(f"--overwrite replaces an earlier merge output, but {str(out_dir)!r} also holds "
+             f"{len(foreign)} entr{'y' if one else 'ies'} no merge writes ({shown}); move "
+             f"{'it' if one else 'them'} away or choose another output directory")]
+
+
+def config_inside_output_problems(out_dir: Path, config_path: str | os.PathLike | None,
+                                  keep_intermediates: str | os.PathLike | None) -> list[str]:
+    """The config file, or the ``--keep-intermediates`` directory, inside the output
+    directory: preparing the output would delete or collide with them. (A config that is
+    the output's own ``mergekit_config.yml`` is fine: the merge writes that same text back.)"""
+    out = Path(out_dir).absolute().resolve()
+    problems = []
+    if config_path is not None:
+        config = Path(config_path).absolute().resolve()
+        if out in config.parents and config != out / "mergekit_config.yml":
+            problems.append(f"the config file {os.fspath(config_path)!r} is inside the output "
+                            f"directory {str(out_dir)!r}; move it out (writing the output "
+                            "there would delete it)")
+    if keep_intermediates is not None:
+        keep = Path(keep_intermediates).absolute().resolve()
+        if keep == out or out in keep.parents:
+            problems.append(f"--keep-intermediates {os.fspath(keep_intermediates)!r} is inside "
+                            f"the output directory {str(out_dir)!r}; choose a directory "
+                            "outside it")
     return problems
 
 

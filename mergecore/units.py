@@ -35,6 +35,17 @@ def positive_size(text: str | int) -> int:
     return size
 
 
+def positive_int(text: str) -> int:
+    """An integer of at least 1 from the command line (``argparse.ArgumentTypeError`` else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -13,6 +13,10 @@ Checks, each reported as one line:
 - ``config.json`` is read by ``transformers.AutoConfig`` (when transformers is not
   installed: it is valid JSON with a ``model_type``, and a note says it was not loaded).
 
+When the manifest shows an unfinished merge (shards not complete, or the final index or
+weights file not written yet), a ``hint`` line says how many shards are done and that
+``mergecore merge ... --resume`` finishes it; hints are shown even with ``--quiet``.
+
 An output written by mergekit (no manifest) is checked for everything but the checksums.
 ``VerifyReport.ok`` is False when any check failed.
 """
@@ -49,6 +53,10 @@ class VerifyReport:
     def note(self, message: str) -> None:
         self.lines.append(("note", message))
 
+    def hint(self, message: str) -> None:
+        """Advice on what to do about the problems (shown even when quiet; not a problem)."""
+        self.lines.append(("hint", message))
+
     @property
     def ok(self) -> bool:
         return not any(kind == "FAIL" for kind, _ in self.lines)
@@ -58,7 +66,7 @@ class VerifyReport:
         return [m for kind, m in self.lines if kind == "FAIL"]
 
     def text(self, quiet: bool = False) -> str:
-        shown = [(k, m) for k, m in self.lines if not quiet or k == "FAIL"]
+        shown = [(k, m) for k, m in self.lines if not quiet or k in ("FAIL", "hint")]
         body = [f"{k:>4}  {m}" for k, m in shown]
         verdict = (f"{str(self.out_dir)!r}: OK" if self.ok else
                    f"{str(self.out_dir)!r}: {len(self.problems)} problem(s)")
@@ -197,11 +205,47 @@ def _check_config(out_dir: Path, report: VerifyReport) -> None:
     report.passed(f"config.json: read by transformers ({type(config).__name__})")
 
 
+def _unfinished_progress(out_dir: Path) -> tuple[int, int] | None:
+    """``(complete shards, planned shards)`` when the manifest of ``out_dir`` shows a merge
+    that did not finish: the file it ends with (the index it names, or its only shard when it
+    names none) is absent. None for a finished output, or with no readable manifest."""
+    try:
+        doc = read_manifest(out_dir)
+    except ResumeError:
+        return None
+    if doc is None or not doc["shards"]:
+        return None
+    entries = [e for e in doc["shards"] if isinstance(e, dict)]
+    index = doc.get("index")
+    if isinstance(index, str) and index:
+        last = index
+    elif len(entries) == 1 and isinstance(entries[0].get("file"), str):
+        last = entries[0]["file"]
+    else:
+        return None
+    if os.sep in last or (out_dir / last).is_file():
+        return None
+    return sum(1 for e in entries if e.get("done") is True), len(doc["shards"])
+
+
+def _hint_if_interrupted(out_dir: Path, report: VerifyReport) -> None:
+    """A hint line when the manifest shows an interrupted merge that --resume can finish."""
+    progress = _unfinished_progress(out_dir)
+    if progress is None:
+        return
+    done, total = progress
+    report.hint(f"the manifest shows {done} of {total} shards done: this merge was "
+                "interrupted; run the same `mergecore merge ... --resume` to finish it")
+
+
 def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True) -> VerifyReport:
     """Check a merged model directory (see the module docstring); never raises for a
     problem in the output, reports it."""
     out_dir = Path(out_dir)
     report = VerifyReport(out_dir)
+    if not out_dir.exists():
+        report.failed("does not exist")
+        return report
     if not out_dir.is_dir():
         report.failed("not a directory")
         return report
@@ -213,4 +257,5 @@ def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True) -> Veri
     if files:
         _check_manifest(out_dir, files, report, checksums)
     _check_config(out_dir, report)
+    _hint_if_interrupted(out_dir, report)
     return report

@@ -92,8 +92,13 @@ def test_dry_run_prints_the_plan_and_reports_output_problems(tmp_path, small_fam
     assert main(["merge", str(cfg), str(out), "--dry-run"]) == 1
     captured = capsys.readouterr()
     assert "output tensors: 39" in captured.out and "is not empty" in captured.err
+    # --overwrite replaces only an earlier merge output; a dry run deletes nothing either way
+    assert main(["merge", str(cfg), str(out), "--dry-run", "--overwrite"]) == 1
+    assert "keep.txt" in capsys.readouterr().err
+    (out / "keep.txt").unlink()
+    (out / "model.safetensors").write_bytes(b"earlier")
     assert main(["merge", str(cfg), str(out), "--dry-run", "--overwrite"]) == 0
-    assert _files(out) == {"keep.txt": b"mine"}
+    assert _files(out) == {"model.safetensors": b"earlier"}
 
 
 def test_output_path_that_is_a_file(tmp_path, small_family, capsys):

@@ -190,3 +190,57 @@ def test_benchmark_suites_run_in_quick_mode(tmp_path):
         for row in rows:
             assert {"op", "backend", "shape", "dtype", "device", "commit", "date"} <= set(row)
             assert _positive(row["seconds"]) and _positive(row["gbps"])
+
+
+@pytest.mark.parametrize("skip, bad", [("roof", "roof"), ("roofs,kernels,e2e,foo", "foo")])
+def test_unknown_skip_part_is_a_usage_error_listing_the_parts(tmp_path, capsys, skip, bad):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", str(tmp_path), "--quick", "--skip", skip, "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"'{bad}'" in err and "roofs, kernels, e2e" in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mode", [["--quick"], []])
+def test_unknown_shape_is_a_usage_error_in_every_mode(tmp_path, capsys, mode):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", str(tmp_path), "--shape", "llama-8b", *mode, "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'llama-8b'" in err and "llama-1b, llama-7b, llama-13b, llama-70b, tiny" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_no_chart_says_why_and_suggests_matplotlib_only_when_the_import_fails(
+        tmp_path, capsys, monkeypatch):
+    from mergecore.benchmark import report
+
+    assert main(["bench", str(tmp_path), "--quick", "--skip", "roofs,kernels,e2e",
+                 "--json", str(tmp_path / "r.json"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "(no chart: nothing measured end to end" in out and "pip install" not in out
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(report.NoChart, match="pip install matplotlib"):
+        report.draw_chart({"e2e": [{"stages": {}}]}, tmp_path / "c.png")
+
+
+def test_kernel_and_stage_tables_show_the_share_of_roof_as_the_same_percentage():
+    from mergecore.benchmark import report
+
+    meta = {"device_name": "cpu", "device": "cpu", "commit": "x", "torch": "2", "date": "d",
+            "dir": "/w", "shape": "tiny", "dtype": "bfloat16"}
+    kernel = {"tensor": "mlp", "op": "ties", "impl": "mergecore-cpu", "seconds": 1e-3,
+              "gbps": 0.266, "roof_share": 0.0266}
+    stage = {"seconds": 1.0, "bytes": 1e9, "gbps": 0.266, "roof": "memcpy", "roof_gbps": 10.0,
+             "roof_share": 0.0266}
+    run = {"method": "ties", "models": 3, "layers": 2, "input_bytes": 3e9, "output_bytes": 1e9,
+           "stages": {"compute": stage}, "wall_seconds": 1.0, "stage_seconds_sum": 1.0,
+           "overlapped_seconds": 0.0, "overlap_share": 0.0, "bound_stage": "compute",
+           "input_gbps": 3.0}
+    text = report.render({"meta": meta, "kernel_roof": "memcpy 10.0 GB/s", "kernels": [kernel],
+                          "e2e": [run]})
+    kernel_line = next(line for line in text.splitlines() if "mergecore-cpu" in line)
+    stage_line = next(line for line in text.splitlines() if line.startswith("compute"))
+    assert "2.7%" in kernel_line and "2.7%" in stage_line
+    assert "0.0266" not in text and kernel["roof_share"] == 0.0266

@@ -44,12 +44,44 @@ def test_non_empty_output_directory_is_refused_without_overwrite(tmp_path, famil
     cfg = _config(tmp_path, _ties(*family))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    # an earlier merge output (as mergekit writes it: .bin weights, config, card)
+    for name in ("pytorch_model.bin", "config.json", "README.md", "tokenizer.json"):
+        (out / name).write_text("earlier")
     assert main(["merge", str(cfg), str(out), "--quiet"]) == 1
     assert "not empty" in capsys.readouterr().err
-    assert (out / "keep.txt").exists()
+    assert (out / "pytorch_model.bin").exists()
     assert main(["merge", str(cfg), str(out), "--quiet", "--overwrite"]) == 0
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
+
+
+def test_overwrite_never_deletes_what_no_merge_writes(tmp_path, family, capsys):
+    cfg = _config(tmp_path, _ties(*family))
+    out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "todo.txt").write_text("user data")
+    (out / "keep.txt").write_text("user data")
+    (out / "model.safetensors").write_text("an earlier merge")
+    assert main(["merge", str(cfg), str(out), "--quiet", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "also holds 2 entries no merge writes (keep.txt, notes/)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "model.safetensors", "notes"]
+    assert (out / "notes" / "todo.txt").read_text() == "user data"
+
+
+def test_a_config_inside_the_output_directory_is_not_deleted(tmp_path, family, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = _config(out, _ties(*family))
+    assert main(["merge", str(cfg), str(out), "--quiet", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"the config file {str(cfg)!r} is inside the output directory" in err
+    assert cfg.exists()
+    # re-running a merge from the YAML it saved in its output is fine: it writes it back
+    assert main(["merge", str(cfg), str(tmp_path / "first"), "--quiet"]) == 0
+    saved = tmp_path / "first" / "mergekit_config.yml"
+    text = saved.read_text()
+    assert main(["merge", str(saved), str(tmp_path / "first"), "--quiet", "--overwrite"]) == 0
+    assert saved.read_text() == text
 
 
 def test_config_errors_are_all_listed_before_any_output(tmp_path, family, capsys):
@@ -64,14 +96,77 @@ def test_config_errors_are_all_listed_before_any_output(tmp_path, family, capsys
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("size", ["0", "-5", "2XB"])
-def test_a_bad_max_memory_is_a_usage_error_naming_the_flag(tmp_path, family, capsys, size):
+@pytest.mark.parametrize("flag,value", [("--max-memory", "0"), ("--max-memory", "-5"),
+                                        ("--max-memory", "2XB"), ("--out-shard-size", "0"),
+                                        ("--out-shard-size", "lots"), ("-j", "0"),
+                                        ("--num-threads", "-2"), ("-j", "two")])
+def test_a_bad_size_or_count_is_a_usage_error_naming_the_flag(tmp_path, family, capsys, flag,
+                                                              value):
     cfg = _config(tmp_path, _ties(*family))
     with pytest.raises(SystemExit) as stop:
-        main(["merge", str(cfg), str(tmp_path / "out"), "--max-memory", size])
+        main(["merge", str(cfg), str(tmp_path / "out"), flag, value])
     assert stop.value.code == 2
-    assert "--max-memory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert flag in err and "parse_size" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_version(capsys):
+    import mergecore
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == (
+        f"mergecore {mergecore.__version__}")
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_a_config_path_that_is_not_a_file_is_named(tmp_path, capsys, what):
+    path = tmp_path / "c.yml"
+    if what == "directory":
+        path.mkdir()
+    assert main(["merge", str(path), str(tmp_path / "out")]) == 1
+    expected = "does not exist" if what == "missing" else "is a directory"
+    assert f"config file {str(path)!r} {expected}" in capsys.readouterr().err
+
+
+def test_ignored_parameter_is_warned_once_with_a_suggestion(tmp_path, family, capsys):
+    cfg = _ties(*family)
+    cfg["models"][0]["parameters"] = {"weight": 1.0, "densty": 0.5}
+    path = _config(tmp_path, cfg)
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("has no parameter 'densty'") == 1 and "did you mean 'density'?" in err
+    assert main(["merge", str(path), str(tmp_path / "dry"), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("has no parameter 'densty'") == 1
+
+
+def test_a_budget_below_one_tensor_is_warned_before_the_merge(tmp_path, family, capsys):
+    cfg = _config(tmp_path, _ties(*family))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet", "--max-memory", "10KB"]) == 0
+    assert "--max-memory 9.8 KiB is below the" in capsys.readouterr().err
+    assert main(["merge", str(cfg), str(tmp_path / "ok"), "--quiet", "--max-memory", "1GiB"]) == 0
+    assert "below" not in capsys.readouterr().err
+
+
+def test_verbose_dry_run_shows_each_tensor_resolved_parameters(tmp_path, family, capsys):
+    base, ft1, _ = family
+    cfg = {"merge_method": "slerp", "base_model": base,
+           "slices": [{"sources": [{"model": base, "layer_range": [0, 2]},
+                                   {"model": ft1, "layer_range": [0, 2]}]}],
+           "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.5]},
+                                {"value": 0.3}]}}
+    path = _config(tmp_path, cfg)
+    assert main(["merge", str(path), str(tmp_path / "out"), "--dry-run", "-v"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def line(name):
+        return next(x for x in lines if x.strip().startswith(name + " "))
+
+    assert "<- slerp[t=0](" in line("model.layers.0.self_attn.q_proj.weight")
+    assert "<- slerp[t=0.5](" in line("model.layers.1.self_attn.q_proj.weight")
+    assert "<- slerp[t=0.3](" in line("model.layers.1.mlp.up_proj.weight")
 
 
 def test_verbose_merge_reports_the_budget(tmp_path, family, capsys):

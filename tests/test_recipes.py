@@ -240,6 +240,18 @@ def test_dry_run_shows_the_stages_and_writes_nothing(family, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("inside", ["out/stages", "out"])
+def test_intermediates_inside_the_output_are_refused_before_anything_is_written(
+        family, tmp_path, capsys, inside):
+    recipe = write_recipe(tmp_path / "r.yml", lzlv_recipe(*family))
+    out = tmp_path / "out"
+    assert mergecore_main(["merge", str(recipe), str(out), "--quiet",
+                           "--keep-intermediates", str(tmp_path / inside)]) == 1
+    err = capsys.readouterr().err
+    assert f"--keep-intermediates {str(tmp_path / inside)!r} is inside the output" in err
+    assert not out.exists()
+
+
 def test_stage_gradient_resolves_over_the_stage_own_layers(family, tmp_path):
     """comp1's t gradient [0.25, 0.3, 0.5] at layer idx of 4 is np.interp(idx / 3, ...)."""
     import numpy as np

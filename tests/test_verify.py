@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mergecore.cli import main
+from mergecore.faults import ENV_VAR
 from mergecore.io.writer import MANIFEST_NAME, plan_shards
 from mergecore.resume import ResumeError, check_resume
 from mergecore.verify import verify_output
@@ -111,7 +112,48 @@ def test_incomplete_manifest_and_missing_directory(copy, tmp_path):
     (copy / MANIFEST_NAME).write_text(json.dumps(doc))
     assert verify_output(copy).problems == [
         "model-00001-of-00003.safetensors: the manifest does not record it as complete"]
-    assert verify_output(tmp_path / "nothing").problems == ["not a directory"]
+    assert verify_output(tmp_path / "nothing").problems == ["does not exist"]
+    (tmp_path / "a_file").write_text("x")
+    assert verify_output(tmp_path / "a_file").problems == ["not a directory"]
+
+
+def test_a_missing_path_is_said_not_to_exist(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "bad" / "nonexist")]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL  does not exist" in text and "not a directory" not in text
+
+
+def _done_of(out: Path) -> tuple[int, int]:
+    shards = json.loads((out / MANIFEST_NAME).read_text())["shards"]
+    return sum(1 for e in shards if e["done"]), len(shards)
+
+
+def test_an_interrupted_merge_gets_a_resume_hint(merged, tmp_path, monkeypatch, capsys):
+    """A merge stopped by an injected write error leaves complete shards and the manifest,
+    no index and no config.json; verify says how far it got and how to finish it."""
+    out = tmp_path / "out"
+    monkeypatch.setenv(ENV_VAR, "after=30,errno=EIO")
+    assert main(["merge", str(merged.parent / "c.yml"), str(out), "--quiet",
+                 "--out-shard-size", "160K"]) == 1
+    monkeypatch.delenv(ENV_VAR)
+    assert not (out / INDEX).exists() and not (out / "config.json").exists()
+    done, total = _done_of(out)
+    assert total == 3 and done < total
+    capsys.readouterr()
+    assert main(["verify", str(out), "-q"]) == 1
+    text = capsys.readouterr().out
+    assert f"hint  the manifest shows {done} of {total} shards done: this merge was " \
+           "interrupted; run the same `mergecore merge ... --resume` to finish it" in text
+    assert "FAIL  no weights" in text
+    report = verify_output(out)
+    assert len(report.problems) == 2  # the hint is not counted as a problem
+
+
+def test_hint_for_shards_done_but_index_missing_and_none_for_finished_output(copy, merged):
+    assert not any(kind == "hint" for kind, _ in verify_output(merged).lines)
+    (copy / INDEX).unlink()  # every shard complete, stopped before the index
+    hints = [m for kind, m in verify_output(copy).lines if kind == "hint"]
+    assert hints and hints[0].startswith("the manifest shows 3 of 3 shards done")
 
 
 _json = st.recursive(

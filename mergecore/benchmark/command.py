@@ -31,13 +31,33 @@ FULL = {"memcpy": 256 << 20, "file": 1 << 30, "cuda": 1 << 30, "repeats": 3}
 PARTS = ("roofs", "kernels", "e2e")
 
 
+def parse_skip(text: str) -> frozenset[str]:
+    """``--skip``: a comma list of :data:`PARTS`; an unknown part is a usage error."""
+    skip = frozenset(s.strip() for s in text.split(",") if s.strip())
+    unknown = sorted(skip - set(PARTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown part {', '.join(map(repr, unknown))}; choose from {', '.join(PARTS)}")
+    return skip
+
+
+def parse_shape(text: str) -> str:
+    """``--shape``: a preset name of :data:`shapes.PRESETS` (checked even with --quick)."""
+    try:
+        shapes.preset_key(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown shape {text!r}; choose one of {', '.join(shapes.PRESETS)}") from None
+    return text
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` on the ``mergecore`` command line."""
     p = sub.add_parser("bench", help="measure roofs, kernels and an end-to-end merge",
                        description=__doc__.splitlines()[0])
     p.add_argument("dir", nargs="?", default=None,
                    help="work directory on the disk to measure (default: $TMPDIR/mergecore-bench)")
-    p.add_argument("--shape", default="llama-7b",
+    p.add_argument("--shape", default="llama-7b", type=parse_shape,
                    help=f"model shape preset: {', '.join(shapes.PRESETS)} (default llama-7b)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the generated "
                    "family (embeddings and head are always there; default 2)")
@@ -54,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (the tiny shape whatever --shape says, small buffers) that "
                         "checks that everything works")
-    p.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
+    p.add_argument("--skip", default="", type=parse_skip, help=f"comma list of parts to skip: {', '.join(PARTS)}")
     p.add_argument("--kernel-methods", default=",".join(kernels.METHODS),
                    help="kernels to measure (default: all)")
     p.add_argument("--backends", default=None,
@@ -118,7 +138,7 @@ def run_bench(args: argparse.Namespace, step: Callable[[str], None]) -> dict[str
     shape = "tiny" if args.quick else args.shape
     shapes.preset_key(shape)
     device = require_device(args.device)
-    parts = set(PARTS) - {s.strip() for s in args.skip.split(",") if s.strip()}
+    parts = set(PARTS) - set(args.skip)
     layer_runs = _plan_layers(args)
     unknown = set(filter(None, args.kernel_methods.split(","))) - set(kernels.METHODS)
     if unknown and "kernels" in parts:
@@ -217,10 +237,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     stamp = meta["date"].replace(":", "").replace("-", "")
     json_path = Path(args.json) if args.json else (
         Path(meta["dir"]) / f"bench-{meta['shape']}-{meta['device'].replace(':', '')}-{stamp}.json")
-    chart = None if args.no_chart else report.draw_chart(result, json_path.with_suffix(".png"))
+    chart, chart_line = _chart(result, json_path.with_suffix(".png"), args.no_chart)
     result["meta"]["chart"] = str(chart) if chart else None
     print(report.render(result))
-    print(f"\nJSON: {report.write_json(result, json_path)}"
-          + (f"\nchart: {chart}" if chart else
-             ("" if args.no_chart else "\n(no chart: pip install matplotlib to draw one)")))
+    print(f"\nJSON: {report.write_json(result, json_path)}" + chart_line)
     return 0
+
+
+def _chart(result: dict[str, Any], path: Path, no_chart: bool) -> tuple[Path | None, str]:
+    """Draw the chart unless ``--no-chart``: its path (or None) and the line that says where it
+    is or why there is none (empty with ``--no-chart``)."""
+    if no_chart:
+        return None, ""
+    try:
+        chart = report.draw_chart(result, path)
+    except report.NoChart as exc:
+        return None, f"\n(no chart: {exc})"
+    return chart, f"\nchart: {chart}"

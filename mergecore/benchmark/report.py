@@ -19,7 +19,11 @@ def fmt(value: Any) -> str:
 
 
 def pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.0f}%"
+    """A fraction as a percentage for the terminal (one decimal below 10%), empty for None."""
+    if value is None:
+        return ""
+    percent = 100 * value
+    return f"{percent:.1f}%" if abs(percent) < 10 else f"{percent:.0f}%"
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str],
@@ -58,6 +62,12 @@ def _stage_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
              "of roof": pct(st["roof_share"])} for name, st in run["stages"].items()]
 
 
+def _kernel_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kernel rows for the terminal: the share of the roof as a percentage, as the stage
+    table shows it (the JSON keeps the fraction)."""
+    return [{**r, "roof_share": pct(r.get("roof_share"))} for r in rows]
+
+
 def render(result: dict[str, Any]) -> str:
     """The whole result as text."""
     meta = result["meta"]
@@ -73,7 +83,7 @@ def render(result: dict[str, Any]) -> str:
     if result.get("kernels"):
         out += ["", f"Kernels ({meta['shape']} tensor shapes, {meta['dtype']}; GB/s = inputs read"
                 " + output written; roof = " + result["kernel_roof"] + ")",
-                format_table(result["kernels"],
+                format_table(_kernel_rows(result["kernels"]),
                              ["tensor", "op", "impl", "seconds", "gbps", "roof_share",
                               "speedup_vs_torch_eager", "speedup_vs_mergekit"],
                              {"gbps": "GB/s", "roof_share": "of roof",
@@ -130,40 +140,62 @@ def write_json(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def draw_chart(result: dict[str, Any], path: Path) -> Path | None:
-    """Each end-to-end stage's rate next to its roof (and the best kernel's share of the
-    roof), as a bar chart PNG; None when matplotlib is not installed."""
+class NoChart(Exception):
+    """No chart was drawn; the message says why (a phrase for the terminal)."""
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend; :class:`NoChart` when it cannot be imported."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    except ImportError as exc:
+        raise NoChart(f"matplotlib cannot be imported ({exc}): pip install matplotlib to "
+                      "draw one") from exc
+    return plt
+
+
+def draw_chart(result: dict[str, Any], path: Path) -> Path:
+    """Each end-to-end stage's rate next to its roof, as a bar chart PNG at ``path``.
+
+    Raises :class:`NoChart` saying why when there is nothing to draw (no end-to-end run),
+    matplotlib cannot be imported, or drawing or saving the PNG fails."""
     runs = result.get("e2e") or []
     if not runs:
-        return None
-    run = runs[-1]
+        raise NoChart("nothing measured end to end to draw; the chart shows the merge's stages")
+    plt = _pyplot()
+    try:
+        return _draw(plt, result, runs[-1], path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise NoChart(f"drawing {path} failed: {exc}") from exc
+
+
+def _draw(plt: Any, result: dict[str, Any], run: dict[str, Any], path: Path) -> Path:
+    """Draw ``run``'s stages with pyplot ``plt`` and save the PNG."""
     names = list(run["stages"])
     rates = [run["stages"][n]["gbps"] or 0.0 for n in names]
     roofs = [run["stages"][n]["roof_gbps"] or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], rates, width=0.4, label="measured stage rate")
-    ax.bar([x + 0.2 for x in xs], roofs, width=0.4, label="roof", color="lightgray",
-           edgecolor="gray")
-    for x, rate, roof in zip(xs, rates, roofs):
-        if roof:
-            ax.text(x - 0.2, rate, f"{100 * rate / roof:.0f}%", ha="center", va="bottom",
-                    fontsize=8)
-    ax.set_xticks(list(xs), [f"{n}\n({run['stages'][n]['roof']})" for n in names], fontsize=8)
-    ax.set_ylabel("GB/s")
-    meta = result["meta"]
-    ax.set_title(f"{run['method']}, {meta['shape']} x{run['layers']} layers, "
-                 f"{meta['device_name'][:40]}\ninput {run['input_gbps']:.2f} GB/s, "
-                 f"bound by {run['bound_stage']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], rates, width=0.4, label="measured stage rate")
+        ax.bar([x + 0.2 for x in xs], roofs, width=0.4, label="roof", color="lightgray",
+               edgecolor="gray")
+        for x, rate, roof in zip(xs, rates, roofs):
+            if roof:
+                ax.text(x - 0.2, rate, pct(rate / roof), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs), [f"{n}\n({run['stages'][n]['roof']})" for n in names],
+                      fontsize=8)
+        ax.set_ylabel("GB/s")
+        meta = result["meta"]
+        ax.set_title(f"{run['method']}, {meta['shape']} x{run['layers']} layers, "
+                     f"{meta['device_name'][:40]}\ninput {run['input_gbps']:.2f} GB/s, "
+                     f"bound by {run['bound_stage']}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path

@@ -29,7 +29,6 @@ Every problem found is reported at once in one ``ConfigError``, each line naming
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +52,6 @@ from mergecore.config.params import (
     setting_leaves,
     validate_value,
 )
-
-LOG = logging.getLogger(__name__)
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype",
             "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "random_seed", "name")
@@ -251,6 +248,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def _load_yaml_documents(text: str, source: str | None) -> list[Any]:
     loader = _StrictLoader(text)
+    loader.name = source or loader.name  # YAML errors then point at the file, not "<unicode string>"
     loader.duplicates = []
     try:
         docs = []
@@ -287,7 +285,6 @@ class _Checker:
     def warn(self, where: str, message: str) -> None:
         line = f"{self.prefix}{where}: {message}"
         self.warnings.append(line)
-        LOG.warning("%s", line)
 
     def keys(self, raw: dict, allowed: tuple[str, ...], where: str) -> None:
         for key in raw:
@@ -338,9 +335,11 @@ class _Checker:
                 continue
             spec = self.method.param(name)
             if spec is None:
-                known = ", ".join(p.name for p in self.method.params)
-                self.warn(path, f"{self.method.name} has no parameter {name!r} (it has: "
-                          f"{known}); ignored")
+                names = [p.name for p in self.method.params]
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                self.warn(path, f"{self.method.name} has no parameter {name!r} ({hint}it has: "
+                          f"{', '.join(names)}); ignored")
                 continue
             if level == "model" and spec.scope == GLOBAL:
                 self.warn(path, f"{name!r} is a global parameter of {self.method.name}; "
@@ -721,4 +720,3 @@ def _check_stages(configs: list[MergeConfig], problems: Problems) -> None:
         if c.name is not None and c.name not in used and None in seen:
             line = f"stage {c.name!r} is not used by any other document"
             c.warnings.append(line)
-            LOG.warning("%s", line)

@@ -143,12 +143,14 @@ def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
     text = os.fspath(ref)
     path = Path(os.path.expanduser(text))
     if not path.exists():
+        # a relative path is looked up from the current directory (as by mergekit): say so
+        tried = "" if path.is_absolute() else f" (looked for {str(path.absolute())!r})"
         if _looks_like_hub_id(text):
             raise CheckpointError(
-                f"model {text!r} not found: no such local directory, and hub ids are not "
-                f"supported: download the model first, e.g. with `huggingface-cli download "
+                f"model {text!r} not found: no such local directory{tried}, and hub ids are "
+                f"not supported: download the model first, e.g. with `huggingface-cli download "
                 f"{text.split('@')[0]} --local-dir DIR`, and pass the directory")
-        raise CheckpointError(f"model path {text!r} does not exist")
+        raise CheckpointError(f"model path {text!r} does not exist{tried}")
 
     tensor_file: dict[str, Path] | None = None
     if path.is_file():

@@ -33,11 +33,13 @@ from mergecore.merge import (
     MergeResult,
     _prepare_out_dir,
     _Progress,
+    budget_warnings,
     check_output,
     describe_plan,
     input_directories,
     prepare_output,
     remaining_tensors,
+    report_warnings,
     with_output_problems,
     write_side_files,
 )
@@ -90,7 +92,6 @@ def describe_recipe(recipe: RecipePlan, options: MergeOptions, *, verbose: int =
     lines.append(f"fused pass: read {human_bytes(recipe.total_input_bytes)} (each input "
                  f"tensor once), write {human_bytes(recipe.total_output_bytes)}; intermediate "
                  f"tensors ({human_bytes(inter)}) {kept}")
-    lines += [f"warning: {w}" for w in recipe.warnings]
     if verbose:
         for t in recipe.tensors:
             lines.append(f"  {t.name} {list(t.shape)} {t.out_dtype} <- {t.expression()}")
@@ -129,6 +130,7 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                              keep_intermediates=keep is not None)
     except ConfigError as exc:
         raise with_output_problems(exc, out_dir, options) from None
+    report_warnings(recipe.warnings + budget_warnings(recipe.tensors, options))
     by_name = {s.name: s for s in recipe.stages if s.name is not None}
     source = _tokenizer_dir(recipe.final, by_name)
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in recipe.final.plan.tensors]
@@ -138,18 +140,18 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     with OutputLock(out_dir) as lock:  # held until the output is finalized or abandoned
         return _run_locked(recipe, out_dir, options, lock, text=text, keep=keep,
                            shards=shards, fingerprint=fingerprint, source=source,
-                           by_name=by_name)
+                           by_name=by_name, config_path=config_path)
 
 
 def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: OutputLock, *,
                 text: str, keep: Path | None, shards, fingerprint: str, source: Path | None,
-                by_name: dict[str, Stage]) -> MergeResult:
+                by_name: dict[str, Stage], config_path: str | os.PathLike) -> MergeResult:
     """The output side of ``run_recipe``: checks, then the fused pass (``lock`` held)."""
     if options.dry_run:
         print(describe_recipe(recipe, options, verbose=options.verbose))
     state = check_output(out_dir, options, shards, fingerprint,
                          input_dirs=input_directories(recipe.tensors),
-                         tokenizer_source=source, lock=lock)
+                         tokenizer_source=source, lock=lock, config_path=config_path)
     if options.dry_run:
         return MergeResult(out_dir, [], PipelineStats(), recipe)
     if options.num_threads:
