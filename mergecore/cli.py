@@ -140,10 +140,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if not args.quiet and not args.dry_run:
         s = result.stats
         rate = s.bytes_read / s.wall / 1e9 if s.wall else 0.0
-        print(
-            f"merged {s.tensors} tensors in {s.wall:.2f} s: read {human_bytes(s.bytes_read)}, "
-            f"wrote {human_bytes(s.bytes_written)} ({rate:.2f} GB/s input) -> {args.out_dir}"
-        )
+        if args.resume and s.tensors == 0:
+            print(f"nothing left to merge: {args.out_dir} was complete (its shards verified "
+                  "against the manifest; index, config and card written)")
+        else:
+            print(f"merged {s.tensors} tensors in {s.wall:.2f} s: read "
+                  f"{human_bytes(s.bytes_read)}, wrote {human_bytes(s.bytes_written)} "
+                  f"({rate:.2f} GB/s input) -> {args.out_dir}")
         if args.verbose:
             print(f"stage busy time: read {s.read_busy:.2f} s, compute {s.compute_busy:.2f} s, "
                   f"write {s.write_busy:.2f} s (wall {s.wall:.2f} s); "

@@ -32,6 +32,7 @@ from mergecore.out_lock import OutputLock, busy_message, empty_directory
 from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats, _item_bytes
 from mergecore.resume import (
     FINGERPRINT_KEY,
+    Fingerprint,
     ResumeError,
     ResumeState,
     check_resume,
@@ -294,7 +295,10 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
     progress = _Progress(work.total_input_bytes, options.quiet)
     pipe_options = PipelineOptions(device=options.device, max_memory=options.max_memory,
                                    random_seed=options.random_seed, progress=progress)
-    extra = {FINGERPRINT_KEY: fingerprint} if fingerprint else None
+    extra = None
+    if fingerprint:
+        extra = (fingerprint.manifest_entries() if isinstance(fingerprint, Fingerprint)
+                 else {FINGERPRINT_KEY: fingerprint})
     writer = None
     try:
         with TensorReader(nthreads=2, drop_cache=True) as reader, handle_termination():

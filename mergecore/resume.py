@@ -1,7 +1,8 @@
 """Resuming an interrupted merge: the plan's fingerprint and the check of what is already done.
 
 A merge records in its manifest (``.mergecore-manifest.json``, kept up to date by the
-streaming writer) a *fingerprint*: the sha256 of everything that decides the output bytes —
+streaming writer) a *fingerprint*: the sha256 of everything that decides the output bytes
+(and the named parts it was computed from, so a refusal can say what changed) —
 every output tensor (name, shape, dtype, method, parameters), every input it reads (file,
 tensor, dtype, shape, byte range, LoRA adapter), each input file's and adapter file's size
 and modification time, the shard size, the random seed, the compute device type, a forced
@@ -28,6 +29,7 @@ from typing import Any
 from mergecore.io.writer import MANIFEST_NAME, ShardPlan
 
 FINGERPRINT_KEY = "plan_fingerprint"
+FINGERPRINT_PARTS_KEY = "plan_fingerprint_parts"
 _HASH_CHUNK = 16 << 20
 
 
@@ -35,12 +37,38 @@ class ResumeError(ValueError):
     """An output directory cannot be resumed (foreign or unreadable manifest, other merge)."""
 
 
+class Fingerprint(str):
+    """A plan's fingerprint (the sha256 hex digest, usable as a plain string) with the
+    ``parts`` it was computed from: readable names -> values (settings as they are, large
+    parts as ``sha256:`` digests), recorded in the manifest so that a refused ``--resume``
+    can say what changed."""
+
+    parts: dict[str, Any]
+
+    @classmethod
+    def of(cls, parts: dict[str, Any]) -> Fingerprint:
+        text = json.dumps(parts, sort_keys=True, default=repr, separators=(",", ":"))
+        fp = cls(hashlib.sha256(text.encode()).hexdigest())
+        fp.parts = parts
+        return fp
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """What the manifest records: the digest, and the parts."""
+        return {FINGERPRINT_KEY: str(self), FINGERPRINT_PARTS_KEY: self.parts}
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int | None,
-                     device: str = "cpu") -> str:
-    """sha256 (hex) of everything in ``plan`` and the options that decides the output bytes."""
+                     device: str = "cpu") -> Fingerprint:
+    """The fingerprint of everything in ``plan`` and the options that decides the output
+    bytes (see the module docstring)."""
     from mergecore import __version__
 
-    files: dict[str, list] = {}
+    files: dict[str, Any] = {}
     resolved: dict[object, str] = {}
     tensors = []
     for t in plan.tensors:
@@ -56,37 +84,62 @@ def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int 
                 except OSError:
                     files[path] = [-1, -1]
             if inp.adapter and inp.adapter not in files:
-                files[inp.adapter] = _dir_stats(inp.adapter)
+                files[inp.adapter] = _digest(_dir_stats(inp.adapter))
             inputs.append([inp.model, inp.adapter, inp.rows, path, inp.info.name,
                            inp.info.dtype, list(inp.info.shape), inp.info.data_start,
                            inp.info.nbytes])
         tensors.append([t.name, list(t.shape), t.out_dtype, t.compute_dtype, t.method,
                         t.base_index, t.global_params, t.input_params, inputs])
-    doc = {
-        "mergecore": __version__,
-        "out_shard_size": out_shard_size,
-        "random_seed": random_seed,
+    parts: dict[str, Any] = {
+        "mergecore version": __version__,
+        "--out-shard-size": out_shard_size,
+        "--random-seed": random_seed,
         "device": str(device).split(":")[0],
-        "backend": os.environ.get("MERGECORE_BACKEND", ""),
-        "output_config": plan.output_config,
-        "tensors": tensors,
-        "files": files,
+        "MERGECORE_BACKEND": os.environ.get("MERGECORE_BACKEND", ""),
+        "the output's config.json": _digest(plan.output_config),
+        "the output tensors, their inputs, methods and parameters": _digest(tensors),
     }
-    text = json.dumps(doc, sort_keys=True, default=repr, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    parts.update({f"input {path!r}": stat for path, stat in files.items()})
+    return Fingerprint.of(parts)
 
 
 def recipe_fingerprint(recipe: Any, *, out_shard_size: int | None,
-                       random_seed: int | None, device: str = "cpu") -> str:
-    """sha256 (hex) of a multi-stage recipe: every stage's ``plan_fingerprint`` (its tensors,
-    parameters, inputs and their file stats; a stage used as a model appears by name) in
-    dependency order, with the final output's shard size."""
-    stages = [[s.title, plan_fingerprint(s.plan, out_shard_size=None, device=device,
-                                         random_seed=s.plan.random_seed or random_seed)]
-              for s in recipe.stages]
-    text = json.dumps({"stages": stages, "out_shard_size": out_shard_size},
-                      sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+                       random_seed: int | None, device: str = "cpu") -> Fingerprint:
+    """The fingerprint of a multi-stage recipe: every stage's ``plan_fingerprint`` parts (its
+    tensors, parameters, inputs and their file stats; a stage used as a model appears by
+    name), with the final output's shard size."""
+    parts: dict[str, Any] = {"--out-shard-size": out_shard_size}
+    for s in recipe.stages:
+        stage = plan_fingerprint(s.plan, out_shard_size=None, device=device,
+                                 random_seed=s.plan.random_seed or random_seed)
+        parts.update({f"{s.title}: {k}": v for k, v in stage.parts.items()
+                      if k != "--out-shard-size"})
+    return Fingerprint.of(parts)
+
+
+def describe_changes(before: Any, now: dict[str, Any] | None, *, most: int = 6) -> str:
+    """What differs between two fingerprints' parts, as one phrase ('' when unknown)."""
+    if not isinstance(before, dict) or not now:
+        return ""
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if old == new:
+            continue
+        if key not in before:
+            changes.append(f"{key} is new")
+        elif key not in now:
+            changes.append(f"{key} is no longer used")
+        elif key.startswith("input ") and isinstance(old, list) and isinstance(new, list):
+            changes.append(f"{key} changed (size {old[0]} -> {new[0]} bytes)" if old[0] != new[0]
+                           else f"{key} was modified since")
+        elif isinstance(old, str) and old.startswith("sha256:"):
+            changes.append(f"{key} changed")
+        else:
+            changes.append(f"{key} was {old!r}, now {new!r}")
+    if len(changes) > most:
+        changes = changes[:most] + [f"and {len(changes) - most} more"]
+    return "; ".join(changes)
 
 
 def _file_key(file: Any) -> str:
@@ -160,7 +213,8 @@ class ResumeState:
         return "; ".join(parts)
 
 
-def check_resume(out_dir: Path, shards: ShardPlan, fingerprint: str) -> ResumeState:
+def check_resume(out_dir: Path, shards: ShardPlan, fingerprint: str | Fingerprint
+                 ) -> ResumeState:
     """Decide what a resumed merge into ``out_dir`` keeps (reads and hashes completed shards).
 
     Raises ``ResumeError`` when ``out_dir`` holds files but no mergecore manifest, or a
@@ -176,10 +230,15 @@ def check_resume(out_dir: Path, shards: ShardPlan, fingerprint: str) -> ResumeSt
         return ResumeState()
     recorded = doc.get(FINGERPRINT_KEY)
     if recorded != fingerprint:
+        changed = describe_changes(doc.get(FINGERPRINT_PARTS_KEY),
+                                   getattr(fingerprint, "parts", None))
+        what = (f"what changed: {changed}" if changed else
+                "the config, the input files or the options changed")
         raise ResumeError(
             f"cannot resume into {str(out_dir)!r}: it holds the output of a different merge "
-            f"(plan fingerprint {str(recorded)[:12]} there, {fingerprint[:12]} now: the config, "
-            "the input files or the options changed); pass --overwrite to start over")
+            f"(plan fingerprint {str(recorded)[:12]} there, {fingerprint[:12]} now; {what}); "
+            "rerun with the options of the interrupted run to resume it, or pass --overwrite "
+            "to start over")
     planned = {spec.filename: spec for spec in shards.shards}
     state = ResumeState(fresh=False)
     to_hash: dict[str, str] = {}

@@ -227,3 +227,14 @@ def test_python_dash_m_entry_point(tmp_path, family):
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_resuming_a_complete_output_says_so(tmp_path, family, capsys):
+    cfg = _config(tmp_path, _ties(*family))
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["merge", str(cfg), str(out), "--resume"]) == 0
+    assert "nothing left to merge" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

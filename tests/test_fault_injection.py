@@ -25,6 +25,7 @@ from mergecore.cli import main
 from mergecore.faults import ENV_VAR
 from mergecore.io.writer import MANIFEST_NAME
 from mergecore.resume import file_sha256
+from mergecore.units import parse_size
 from mergecore.verify import verify_output
 
 SHARD_SIZE = "100K"  # five shards for this family
@@ -172,10 +173,23 @@ def test_resume_refuses_the_output_of_another_merge(setup, tmp_path, capsys):
     assert main(_args(other, out) + ["--resume"]) == 1
     err = capsys.readouterr().err
     assert "different merge" in err and "--overwrite" in err
+    # the refusal says what differs from the interrupted run
+    assert "what changed: the output tensors, their inputs, methods and parameters changed" in err
     assert main(["merge", str(config), str(out), "--quiet", "--out-shard-size", "200K",
                  "--random-seed", SEED, "--resume"]) == 1
-    assert "different merge" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "different merge" in err
+    assert f"--out-shard-size was {parse_size(SHARD_SIZE)}, now 200000" in err
     assert _files(out) == before
+    # an input file modified since
+    model_file = next(Path(cfg["models"][0]["model"]).glob("*.safetensors"))
+    times = (model_file.stat().st_atime_ns, model_file.stat().st_mtime_ns)
+    os.utime(model_file, ns=(times[0], times[1] + 10**9))
+    try:
+        assert main(_args(config, out) + ["--resume"]) == 1
+    finally:
+        os.utime(model_file, ns=times)  # the family is shared with the other tests
+    assert f"input {str(model_file.resolve())!r} was modified since" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_directory_without_manifest_and_starts_an_empty_one(setup, tmp_path,

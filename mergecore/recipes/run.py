@@ -46,7 +46,7 @@ from mergecore.merge import (
 from mergecore.out_lock import OutputLock
 from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats
 from mergecore.recipes.graph import RecipePlan, Stage, load_recipe
-from mergecore.resume import FINGERPRINT_KEY, recipe_fingerprint
+from mergecore.resume import Fingerprint, recipe_fingerprint
 from mergecore.units import human_bytes
 
 
@@ -144,7 +144,8 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: OutputLock, *,
-                text: str, keep: Path | None, shards, fingerprint: str, source: Path | None,
+                text: str, keep: Path | None, shards, fingerprint: Fingerprint,
+                source: Path | None,
                 by_name: dict[str, Stage], config_path: str | os.PathLike) -> MergeResult:
     """The output side of ``run_recipe``: checks, then the fused pass (``lock`` held)."""
     if options.dry_run:
@@ -173,7 +174,7 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
     final = None
     try:
         with TensorReader(nthreads=2, drop_cache=True) as reader, handle_termination():
-            final = StreamingWriter(out_dir, shards, manifest_extra={FINGERPRINT_KEY: fingerprint},
+            final = StreamingWriter(out_dir, shards, manifest_extra=fingerprint.manifest_entries(),
                                     completed=state.completed, keep_complete_on_os_error=True)
             router = RoutingWriter(faults.wrap_writer(final), writers)
             stats = MergePipeline(work, reader, router, pipe_options).run()
