@@ -38,8 +38,9 @@ class OutputCheckError(ValueError):
     def __init__(self, out_dir: str | os.PathLike, problems: list[str]):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
+        count = len(self.problems)
         super().__init__(f"cannot write the merge to {os.fspath(out_dir)!r} "
-                         f"({len(self.problems)} problem(s)):\n{lines}")
+                         f"({count} problem{'' if count == 1 else 's'}):\n{lines}")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -72,7 +73,10 @@ def directory_problems(out_dir: Path, *, overwrite: bool, resume: bool) -> list[
     if out_dir.is_dir() and overwrite:
         problems += overwrite_problems(out_dir)
     anchor = _existing_ancestor(out_dir)
-    if not os.access(anchor, os.W_OK | os.X_OK):
+    if not anchor.is_dir():
+        problems.append(f"output directory {str(out_dir)!r}: {str(anchor)!r} is a file, not "
+                        "a directory")
+    elif not os.access(anchor, os.W_OK | os.X_OK):
         problems.append(f"output directory {str(out_dir)!r}: {str(anchor)!r} is not writable")
     return problems
 

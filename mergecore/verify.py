@@ -69,7 +69,8 @@ class VerifyReport:
         shown = [(k, m) for k, m in self.lines if not quiet or k in ("FAIL", "hint")]
         body = [f"{k:>4}  {m}" for k, m in shown]
         verdict = (f"{str(self.out_dir)!r}: OK" if self.ok else
-                   f"{str(self.out_dir)!r}: {len(self.problems)} problem(s)")
+                   f"{str(self.out_dir)!r}: {len(self.problems)} "
+                   f"problem{'' if len(self.problems) == 1 else 's'}")
         return "\n".join(body + [verdict])
 
 

@@ -58,7 +58,7 @@ def test_a_changed_byte_fails_the_checksum(copy, capsys):
     assert main(["verify", str(copy), "-q"]) == 1
     text = capsys.readouterr().out
     assert f"FAIL  {SHARD2}: sha256 differs from the manifest" in text
-    assert "1 problem(s)" in text
+    assert text.rstrip().endswith(": 1 problem")
     assert main(["verify", str(copy), "--no-checksums"]) == 0  # headers and index still hold
 
 
