@@ -3,7 +3,8 @@
 Three generators:
 
 * :func:`make_family` - a small base model (``base/``) and ``n_models - 1`` fine-tunes
-  (``ft1/``, ``ft2/``, ...) of a real transformers architecture (llama, mistral, gpt2, bert),
+  (``ft1/``, ``ft2/``, ...) of a real transformers architecture (llama, mistral, qwen2,
+  gemma, gpt2, bert),
   each written by transformers' ``save_pretrained`` (safetensors, optionally sharded) with a
   tiny word-level tokenizer next to it. A fine-tune's tensor is ``ft = round(base + delta)``,
   with the delta built to exercise TIES/DARE selection (see :func:`_delta`).
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 #: Architectures :func:`make_family` can build.
-ARCHS = ("llama", "mistral", "gpt2", "bert")
+ARCHS = ("llama", "mistral", "qwen2", "gemma", "gpt2", "bert")
 
 #: Name of the int64 tensor that ``extra_int_tensor=True`` adds, per architecture. For BERT it
 #: is the classic (pre-4.31 transformers) persistent ``position_ids`` buffer, shape
@@ -49,6 +50,8 @@ ARCHS = ("llama", "mistral", "gpt2", "bert")
 EXTRA_INT_TENSOR = {
     "llama": "model.position_ids",
     "mistral": "model.position_ids",
+    "qwen2": "model.position_ids",
+    "gemma": "model.position_ids",
     "gpt2": "transformer.position_ids",
     "bert": "embeddings.position_ids",
 }
@@ -58,6 +61,8 @@ EXTRA_INT_TENSOR = {
 UNCHANGED_IN_FT1 = {
     "llama": "model.norm.weight",
     "mistral": "model.norm.weight",
+    "qwen2": "model.norm.weight",
+    "gemma": "model.norm.weight",
     "gpt2": "transformer.ln_f.weight",
     "bert": "pooler.dense.bias",
 }
@@ -208,6 +213,21 @@ def _arch_config(arch: str, *, hidden: int, layers: int, vocab: int,
                    pad_token_id=3, tie_word_embeddings=False,
                    architectures=["LlamaForCausalLM" if arch == "llama"
                                   else "MistralForCausalLM"], **common_dtype)
+    if arch == "qwen2":  # biases on q/k/v: 1-D per-layer tensors beside the matrices
+        kv = heads // 2 if heads % 2 == 0 else heads
+        return transformers.Qwen2Config(
+            hidden_size=hidden, intermediate_size=intermediate or (hidden * 8) // 3,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+            vocab_size=vocab, max_position_embeddings=_MAX_POSITIONS, bos_token_id=1,
+            eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+            architectures=["Qwen2ForCausalLM"], **common_dtype)
+    if arch == "gemma":  # tied embeddings: no lm_head.weight in the files
+        return transformers.GemmaConfig(
+            hidden_size=hidden, intermediate_size=intermediate or hidden * 4,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
+            head_dim=hidden // heads, vocab_size=vocab, max_position_embeddings=_MAX_POSITIONS,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True,
+            architectures=["GemmaForCausalLM"], **common_dtype)
     if arch == "gpt2":
         return transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads,
                                        n_inner=intermediate, vocab_size=vocab,
