@@ -23,7 +23,7 @@ from mergecore.units import human_bytes
 #: directory only when it holds nothing else: it replaces an earlier merge, and never deletes
 #: what a merge did not write (notes, a config being edited, a whole project folder).
 OUTPUT_ENTRY_PATTERNS = (
-    "*.safetensors", "*.safetensors.index.json", ".*.safetensors.partial",
+    "*.safetensors", "*.safetensors.index.json", ".*.partial",  # a file being written
     "*.bin", "*.bin.index.json", "config.json", "generation_config.json", "README.md",
     "mergekit_config.yml", MANIFEST_NAME, *TOKENIZER_FILE_NAMES, *TOKENIZER_GLOBS,
 )

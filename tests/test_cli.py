@@ -44,8 +44,10 @@ def test_non_empty_output_directory_is_refused_without_overwrite(tmp_path, famil
     cfg = _config(tmp_path, _ties(*family))
     out = tmp_path / "out"
     out.mkdir()
-    # an earlier merge output (as mergekit writes it: .bin weights, config, card)
-    for name in ("pytorch_model.bin", "config.json", "README.md", "tokenizer.json"):
+    # an earlier merge output (as mergekit writes it: .bin weights, config, card), and the
+    # temporary files of an interrupted mergecore merge
+    for name in ("pytorch_model.bin", "config.json", "README.md", "tokenizer.json",
+                 ".config.json.partial", ".model-00001-of-00002.safetensors.partial"):
         (out / name).write_text("earlier")
     assert main(["merge", str(cfg), str(out), "--quiet"]) == 1
     assert "not empty" in capsys.readouterr().err
