@@ -194,7 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mergekit-yaml"]:  # every later argument is mergekit's, --help included
         return _cmd_mergekit_yaml(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports torch: seconds on a cold start
+    except KeyboardInterrupt:
+        print("mergecore: interrupted before starting; nothing was written", file=sys.stderr)
+        return 130
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", 0) > 1 else
         logging.INFO if getattr(args, "verbose", 0) else logging.WARNING,

@@ -673,6 +673,20 @@ def test_default_thread_count_from_environment():
     assert _run_python(code, {"MERGECORE_NUM_THREADS": ""}) == want
 
 
+def test_import_mergecore_loads_torch_only_when_the_api_is_used():
+    code = """
+        import sys
+        import mergecore
+        before = "torch" in sys.modules
+        from mergecore import ties, MergeError
+        import torch
+        out = mergecore.linear([torch.ones(3), torch.zeros(3)], [1.0, 1.0])
+        print(before, sorted(dir(mergecore)) == sorted(set(dir(mergecore))),
+              all(hasattr(mergecore, n) for n in mergecore.__all__), out.tolist())
+        """
+    assert _run_python(code, {}) == "False True True [0.5, 0.5, 0.5]"
+
+
 def test_import_fails_cleanly_without_the_extension():
     code = """
         import sys, importlib.abc
