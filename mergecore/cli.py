@@ -83,13 +83,23 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def build_parser() -> argparse.ArgumentParser:
+_BENCH_HELP = "measure roofs, kernels and an end-to-end merge"
+
+
+def _root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="mergecore",
         description="Fast merging of LLM weights; a drop-in for mergekit-yaml.",
     )
     parser.add_argument("--version", action="version", version=f"mergecore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. ``bench=False`` lists ``bench`` without its options: they come
+    from the benchmark package, which imports torch (seconds on a cold start), so ``--help``,
+    ``--version`` and the other commands' parsing do without it (see :func:`main`)."""
+    parser, sub = _root_parser()
     merge = sub.add_parser("merge", help="run a mergekit YAML merge", epilog=_MERGE_EPILOG)
     _add_merge_flags(merge)
     verify = sub.add_parser("verify", help="check a merged output: index, shard headers, "
@@ -101,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate small example models and merge them")
     demo.add_argument("dir", nargs="?", default=None, help="work directory (default: a temp dir)")
     demo.add_argument("-q", "--quiet", action="store_true")
-    from mergecore.benchmark.command import add_parser as add_bench_parser
+    if bench:
+        from mergecore.benchmark.command import add_parser as add_bench_parser
 
-    add_bench_parser(sub)
+        add_bench_parser(sub)
+    else:
+        sub.add_parser("bench", help=_BENCH_HELP, add_help=False)
     mergekit_yaml = sub.add_parser(
         "mergekit-yaml", add_help=False,
         help="run mergekit's own CLI with mergecore computing its methods (takes mergekit's flags)")
@@ -195,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["mergekit-yaml"]:  # every later argument is mergekit's, --help included
         return _cmd_mergekit_yaml(argv[1:])
     try:
-        args = build_parser().parse_args(argv)  # imports torch: seconds on a cold start
+        # only `bench` needs its options' parser (it imports torch); the others start fast
+        args = build_parser(bench=argv[:1] == ["bench"]).parse_args(argv)
     except KeyboardInterrupt:
         print("mergecore: interrupted before starting; nothing was written", file=sys.stderr)
         return 130

@@ -240,3 +240,20 @@ def test_resuming_a_complete_output_says_so(tmp_path, family, capsys):
     assert main(["merge", str(cfg), str(out), "--resume"]) == 0
     assert "nothing left to merge" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_help_and_version_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from mergecore.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['merge', '--help'], ['verify', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as stop:\n"
+        "        assert stop.code == 0, (argv, stop.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+    assert "bench" in out and "measure roofs" in out  # the command list still shows bench
