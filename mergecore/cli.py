@@ -83,23 +83,19 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
 
 
-_BENCH_HELP = "measure roofs, kernels and an end-to-end merge"
-
-
-def _root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    parser = argparse.ArgumentParser(
-        prog="mergecore",
-        description="Fast merging of LLM weights; a drop-in for mergekit-yaml.",
-    )
-    parser.add_argument("--version", action="version", version=f"mergecore {__version__}")
-    return parser, parser.add_subparsers(dest="command", required=True)
+BENCH_HELP = "measure roofs, kernels and an end-to-end merge"
 
 
 def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
     """The whole command line. ``bench=False`` lists ``bench`` without its options: they come
     from the benchmark package, which imports torch (seconds on a cold start), so ``--help``,
     ``--version`` and the other commands' parsing do without it (see :func:`main`)."""
-    parser, sub = _root_parser()
+    parser = argparse.ArgumentParser(
+        prog="mergecore",
+        description="Fast merging of LLM weights; a drop-in for mergekit-yaml.",
+    )
+    parser.add_argument("--version", action="version", version=f"mergecore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="run a mergekit YAML merge", epilog=_MERGE_EPILOG)
     _add_merge_flags(merge)
     verify = sub.add_parser("verify", help="check a merged output: index, shard headers, "
@@ -116,7 +112,7 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
 
         add_bench_parser(sub)
     else:
-        sub.add_parser("bench", help=_BENCH_HELP, add_help=False)
+        sub.add_parser("bench", help=BENCH_HELP, add_help=False)
     mergekit_yaml = sub.add_parser(
         "mergekit-yaml", add_help=False,
         help="run mergekit's own CLI with mergecore computing its methods (takes mergekit's flags)")

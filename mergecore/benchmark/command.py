@@ -53,7 +53,9 @@ def parse_shape(text: str) -> str:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` on the ``mergecore`` command line."""
-    p = sub.add_parser("bench", help="measure roofs, kernels and an end-to-end merge",
+    from mergecore.cli import BENCH_HELP
+
+    p = sub.add_parser("bench", help=BENCH_HELP,
                        description=__doc__.splitlines()[0])
     p.add_argument("dir", nargs="?", default=None,
                    help="work directory on the disk to measure (default: $TMPDIR/mergecore-bench)")
