@@ -142,6 +142,19 @@ def sum_partials(partial: torch.Tensor, prog_job: torch.Tensor, njobs: int,
     return sums.tolist()
 
 
+def launch_groups(items: Sequence, key, size=None):
+    """The launches of one call: indices of ``items`` grouped by ``key(item)`` (a tuple whose
+    first element is the items' ``torch.device``), less the items whose ``size(item)`` is 0,
+    each non-empty group yielded with ``(key, indices)`` while its device is current (Triton
+    launches on the current CUDA device, see :func:`on_device`)."""
+    for k, idx in group_by(items, key).items():
+        if size is not None:
+            idx = [i for i in idx if size(items[i]) > 0]
+        if idx:
+            with on_device(k[0]):
+                yield k, idx
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -39,9 +39,8 @@ from triton_kernels._host import (
     all_aligned,
     cdiv,
     f32_bits,
-    group_by,
+    launch_groups,
     launch_options,
-    on_device,
     rel_offset,
     upload_launch,
 )
@@ -149,36 +148,32 @@ def combine_many(jobs: Sequence[Combine]) -> None:
         return (j.out.device, j.xs[0].dtype if j.xs else j.out.dtype, j.out.dtype,
                 j.base is not None, j.mode, len(j.xs)) + launch_flags(rows[i])
 
-    groups = group_by(range(len(jobs)), key)
-    for (device, _dt, _odt, has_base, mode, nm, tops, random), idx in groups.items():
-        with on_device(device):  # Triton launches on the current device
-            idx = [i for i in idx if jobs[i].out.numel() > 0]
-            if not idx:
-                continue
-            first = jobs[idx[0]]
-            in_ref = first.base if has_base else (first.xs[0] if first.xs else first.out)
-            out_ref = first.out
-            job_rows, model_rows, offsets = [], [], []
-            for i in idx:
-                job = jobs[i]
-                n = job.out.numel()
-                oo = rel_offset(job.out, out_ref, f"combine job {i} (out)")
-                ob = rel_offset(job.base, in_ref, f"combine job {i} (base)") if has_base else 0
-                job_rows.append([n, oo, ob, len(model_rows), len(job.xs), MODES[job.mode],
-                                 int(bool(job.normalize)), f32_bits(job.lam)])
-                offsets += [oo, ob]
-                for m, (x, mrow, coef, weight) in enumerate(
-                    zip(job.xs, rows[i], job.coefs, job.weights)
-                ):
-                    ox = rel_offset(x, in_ref, f"combine job {i} (model {m})")
-                    model_rows.append([ox, f32_bits(coef), f32_bits(weight)] + mrow)
-                    offsets.append(ox)
-            ntiles = [cdiv(r[0], block) for r in job_rows]
-            (jobs_t, models_t), pj_t, pt_t, multi = upload_launch(
-                [job_rows, model_rows if model_rows else [[0] * _MODEL]], ntiles, device)
-            _combine_kernel[(sum(ntiles),)](
-                in_ref, out_ref, jobs_t, models_t, pj_t, pt_t,
-                HAS_BASE=has_base, ELECT=mode == "elect", TOPS=tops, RANDOM=random, NM=nm,
-                MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
-                MROW=_MODEL, **launch_options(_config.COMBINE_WARPS),
-            )
+    for (device, _dt, _odt, has_base, mode, nm, tops, random), idx in launch_groups(
+            range(len(jobs)), key, lambda i: jobs[i].out.numel()):
+        first = jobs[idx[0]]
+        in_ref = first.base if has_base else (first.xs[0] if first.xs else first.out)
+        out_ref = first.out
+        job_rows, model_rows, offsets = [], [], []
+        for i in idx:
+            job = jobs[i]
+            n = job.out.numel()
+            oo = rel_offset(job.out, out_ref, f"combine job {i} (out)")
+            ob = rel_offset(job.base, in_ref, f"combine job {i} (base)") if has_base else 0
+            job_rows.append([n, oo, ob, len(model_rows), len(job.xs), MODES[job.mode],
+                             int(bool(job.normalize)), f32_bits(job.lam)])
+            offsets += [oo, ob]
+            for m, (x, mrow, coef, weight) in enumerate(
+                zip(job.xs, rows[i], job.coefs, job.weights)
+            ):
+                ox = rel_offset(x, in_ref, f"combine job {i} (model {m})")
+                model_rows.append([ox, f32_bits(coef), f32_bits(weight)] + mrow)
+                offsets.append(ox)
+        ntiles = [cdiv(r[0], block) for r in job_rows]
+        (jobs_t, models_t), pj_t, pt_t, multi = upload_launch(
+            [job_rows, model_rows if model_rows else [[0] * _MODEL]], ntiles, device)
+        _combine_kernel[(sum(ntiles),)](
+            in_ref, out_ref, jobs_t, models_t, pj_t, pt_t,
+            HAS_BASE=has_base, ELECT=mode == "elect", TOPS=tops, RANDOM=random, NM=nm,
+            MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
+            MROW=_MODEL, **launch_options(_config.COMBINE_WARPS),
+        )

@@ -29,9 +29,8 @@ from triton_kernels._common import abs_key, job_and_tile, load_f32, load_offset
 from triton_kernels._host import (
     all_aligned,
     cdiv,
-    group_by,
+    launch_groups,
     launch_options,
-    on_device,
     rel_offset,
     sum_partials,
     upload_launch,
@@ -203,31 +202,27 @@ def masked_l1_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, tuple]]) -> 
     results: list[tuple[float, float]] = [(0.0, 0.0)] * len(jobs)
     block = _config.L1_BLOCK
     width = 3 + MASK_FIELDS
-    groups = group_by(jobs, lambda j: (j[0].device, j[0].dtype))
-    for (device, _dtype), idx in groups.items():
-        with on_device(device):  # Triton launches on the current device
-            idx = [i for i in idx if jobs[i][0].numel() > 0]
-            if not idx:
-                continue
-            ref = jobs[idx[0]][0]
-            rows, offsets = [], []
-            for i in idx:
-                base, x, mask = jobs[i]
-                n = base.numel()
-                ob = rel_offset(base, ref, f"masked_l1 job {i} (base)")
-                ox = rel_offset(x, ref, f"masked_l1 job {i} (x)")
-                rows.append([n, ob, ox] + mask_row(mask, n, f"masked_l1 job {i}"))
-                offsets += [ob, ox]
-            tops, random = launch_flags([r[3:] for r in rows])
-            ntiles = [cdiv(r[0], block) for r in rows]
-            (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
-            grid = sum(ntiles)
-            partial = torch.empty((grid, 2), dtype=torch.float32, device=device)
-            _l1_kernel[(grid,)](
-                ref, jobs_t, pj_t, pt_t, partial,
-                MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block, ROW=width,
-                TOPS=tops, RANDOM=random, **launch_options(_config.L1_WARPS),
-            )
-            for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
-                results[i] = (s[0], s[1])
+    for (device, _dtype), idx in launch_groups(jobs, lambda j: (j[0].device, j[0].dtype),
+                                               lambda j: j[0].numel()):
+        ref = jobs[idx[0]][0]
+        rows, offsets = [], []
+        for i in idx:
+            base, x, mask = jobs[i]
+            n = base.numel()
+            ob = rel_offset(base, ref, f"masked_l1 job {i} (base)")
+            ox = rel_offset(x, ref, f"masked_l1 job {i} (x)")
+            rows.append([n, ob, ox] + mask_row(mask, n, f"masked_l1 job {i}"))
+            offsets += [ob, ox]
+        tops, random = launch_flags([r[3:] for r in rows])
+        ntiles = [cdiv(r[0], block) for r in rows]
+        (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
+        grid = sum(ntiles)
+        partial = torch.empty((grid, 2), dtype=torch.float32, device=device)
+        _l1_kernel[(grid,)](
+            ref, jobs_t, pj_t, pt_t, partial,
+            MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block, ROW=width,
+            TOPS=tops, RANDOM=random, **launch_options(_config.L1_WARPS),
+        )
+        for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
+            results[i] = (s[0], s[1])
     return results

@@ -43,9 +43,8 @@ from triton_kernels._host import (
     Tables,
     all_aligned,
     cdiv,
-    group_by,
+    launch_groups,
     launch_options,
-    on_device,
     rel_offset,
     upload_launch,
 )
@@ -604,25 +603,23 @@ def select_top_many(
             elif k > 0:
                 want.append((j, q, int(k)))
     pairs = [(job[0], job[1]) for job in jobs]
-    groups = group_by(want, lambda w: (jobs[w[0]][0].device, jobs[w[0]][0].dtype))
-    for (device, _dtype), idx in groups.items():
-        with on_device(device):  # Triton launches on the current device
-            batch = [(want[w][0], want[w][2]) for w in idx]
-            if _config.SELECT_STRATEGY == "radix":
-                found = _run_radix(pairs, batch)
-                STATS["radix"] += len(batch)
-            else:
-                found = _run_sampled(pairs, batch)
-                missed = [m for m, f in enumerate(found) if not f[2]]
-                STATS["sampled"] += len(batch) - len(missed)
-                STATS["fallback"] += len(missed)
-                if missed:
-                    redo = _run_radix(pairs, [batch[m] for m in missed])
-                    for m, f in zip(missed, redo):
-                        found[m] = f
-            for w, (t, cut, ok) in zip(idx, found):
-                if not ok:
-                    raise RuntimeError(f"select job {want[w][0]}: radix selection failed for "
-                                       f"k={want[w][2]} (internal error)")
-                out[want[w][0]][want[w][1]] = (t, cut)
+    for _key, idx in launch_groups(want, lambda w: (jobs[w[0]][0].device, jobs[w[0]][0].dtype)):
+        batch = [(want[w][0], want[w][2]) for w in idx]
+        if _config.SELECT_STRATEGY == "radix":
+            found = _run_radix(pairs, batch)
+            STATS["radix"] += len(batch)
+        else:
+            found = _run_sampled(pairs, batch)
+            missed = [m for m, f in enumerate(found) if not f[2]]
+            STATS["sampled"] += len(batch) - len(missed)
+            STATS["fallback"] += len(missed)
+            if missed:
+                redo = _run_radix(pairs, [batch[m] for m in missed])
+                for m, f in zip(missed, redo):
+                    found[m] = f
+        for w, (t, cut, ok) in zip(idx, found):
+            if not ok:
+                raise RuntimeError(f"select job {want[w][0]}: radix selection failed for "
+                                   f"k={want[w][2]} (internal error)")
+            out[want[w][0]][want[w][1]] = (t, cut)
     return out

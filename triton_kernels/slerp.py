@@ -20,9 +20,8 @@ from triton_kernels._host import (
     all_aligned,
     cdiv,
     f32_bits,
-    group_by,
+    launch_groups,
     launch_options,
-    on_device,
     rel_offset,
     sum_partials,
     upload_launch,
@@ -95,56 +94,48 @@ def reduce_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tupl
     """``(sum a*a, sum b*b, sum a*b)`` for each pair of flat, equal-length tensors."""
     results: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(pairs)
     block = _config.REDUCE_BLOCK
-    groups = group_by(pairs, lambda p: (p[0].device, p[0].dtype))
-    for (device, _dtype), idx in groups.items():
-        with on_device(device):  # Triton launches on the current device
-            idx = [i for i in idx if pairs[i][0].numel() > 0]
-            if not idx:
-                continue
-            ref = pairs[idx[0]][0]
-            rows, offsets = [], []
-            for i in idx:
-                a, b = pairs[i]
-                oa = rel_offset(a, ref, f"slerp_reduce pair {i} (a)")
-                ob = rel_offset(b, ref, f"slerp_reduce pair {i} (b)")
-                rows.append((a.numel(), oa, ob))
-                offsets += [oa, ob]
-            ntiles = [cdiv(r[0], block) for r in rows]
-            (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
-            grid = sum(ntiles)
-            partial = torch.empty((grid, 3), dtype=torch.float32, device=device)
-            _reduce_kernel[(grid,)](
-                ref, jobs_t, pj_t, pt_t, partial,
-                MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block,
-                **launch_options(_config.REDUCE_WARPS),
-            )
-            for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
-                results[i] = (s[0], s[1], s[2])
+    for (device, _dtype), idx in launch_groups(pairs, lambda p: (p[0].device, p[0].dtype),
+                                               lambda p: p[0].numel()):
+        ref = pairs[idx[0]][0]
+        rows, offsets = [], []
+        for i in idx:
+            a, b = pairs[i]
+            oa = rel_offset(a, ref, f"slerp_reduce pair {i} (a)")
+            ob = rel_offset(b, ref, f"slerp_reduce pair {i} (b)")
+            rows.append((a.numel(), oa, ob))
+            offsets += [oa, ob]
+        ntiles = [cdiv(r[0], block) for r in rows]
+        (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
+        grid = sum(ntiles)
+        partial = torch.empty((grid, 3), dtype=torch.float32, device=device)
+        _reduce_kernel[(grid,)](
+            ref, jobs_t, pj_t, pt_t, partial,
+            MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block,
+            **launch_options(_config.REDUCE_WARPS),
+        )
+        for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
+            results[i] = (s[0], s[1], s[2])
     return results
 
 
 def lerp_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]]) -> None:
     """``out = c0*a + c1*b`` for each job ``(out, a, b, c0, c1)`` of flat tensors."""
     block = _config.LERP_BLOCK
-    groups = group_by(jobs, lambda j: (j[0].device, j[1].dtype, j[0].dtype))
-    for (device, _dt, _odt), idx in groups.items():
-        with on_device(device):  # Triton launches on the current device
-            idx = [i for i in idx if jobs[i][0].numel() > 0]
-            if not idx:
-                continue
-            in_ref, out_ref = jobs[idx[0]][1], jobs[idx[0]][0]
-            rows, offsets = [], []
-            for i in idx:
-                out, a, b, c0, c1 = jobs[i]
-                oo = rel_offset(out, out_ref, f"lerp2 job {i} (out)")
-                oa = rel_offset(a, in_ref, f"lerp2 job {i} (a)")
-                ob = rel_offset(b, in_ref, f"lerp2 job {i} (b)")
-                rows.append((out.numel(), oo, oa, ob, f32_bits(c0), f32_bits(c1)))
-                offsets += [oo, oa, ob]
-            ntiles = [cdiv(r[0], block) for r in rows]
-            (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
-            _lerp_kernel[(sum(ntiles),)](
-                in_ref, out_ref, jobs_t, pj_t, pt_t,
-                MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
-                **launch_options(_config.LERP_WARPS),
-            )
+    for (device, _dt, _odt), idx in launch_groups(
+            jobs, lambda j: (j[0].device, j[1].dtype, j[0].dtype), lambda j: j[0].numel()):
+        in_ref, out_ref = jobs[idx[0]][1], jobs[idx[0]][0]
+        rows, offsets = [], []
+        for i in idx:
+            out, a, b, c0, c1 = jobs[i]
+            oo = rel_offset(out, out_ref, f"lerp2 job {i} (out)")
+            oa = rel_offset(a, in_ref, f"lerp2 job {i} (a)")
+            ob = rel_offset(b, in_ref, f"lerp2 job {i} (b)")
+            rows.append((out.numel(), oo, oa, ob, f32_bits(c0), f32_bits(c1)))
+            offsets += [oo, oa, ob]
+        ntiles = [cdiv(r[0], block) for r in rows]
+        (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
+        _lerp_kernel[(sum(ntiles),)](
+            in_ref, out_ref, jobs_t, pj_t, pt_t,
+            MULTI=multi, ALIGNED=all_aligned([in_ref, out_ref], offsets), BLOCK=block,
+            **launch_options(_config.LERP_WARPS),
+        )
