@@ -47,8 +47,7 @@ class Fingerprint(str):
 
     @classmethod
     def of(cls, parts: dict[str, Any]) -> Fingerprint:
-        text = json.dumps(parts, sort_keys=True, default=repr, separators=(",", ":"))
-        fp = cls(hashlib.sha256(text.encode()).hexdigest())
+        fp = cls(_sha256(parts))
         fp.parts = parts
         return fp
 
@@ -57,9 +56,15 @@ class Fingerprint(str):
         return {FINGERPRINT_KEY: str(self), FINGERPRINT_PARTS_KEY: self.parts}
 
 
-def _digest(value: Any) -> str:
+def _sha256(value: Any) -> str:
+    """sha256 (hex) of ``value``'s canonical JSON."""
     text = json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _digest(value: Any) -> str:
+    """A short tagged digest of a large fingerprint part."""
+    return "sha256:" + _sha256(value)[:16]
 
 
 def plan_fingerprint(plan: Any, *, out_shard_size: int | None, random_seed: int | None,
