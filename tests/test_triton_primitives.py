@@ -303,6 +303,19 @@ def test_select_single_form_and_errors():
         tb.select_top(base, x.to(torch.int32), [3])
 
 
+def test_candidate_offsets_fit_int32_up_to_the_largest_tensor():
+    """region * rcap + position is stored as int32 by the scan kernel: for every size up to
+    MAX_NUMEL and any budget share the candidate buffer's regions stay addressable."""
+    block = _config.SELECT_BLOCK
+    for n in (1 << 20, 1_200_000_000, tsel.MAX_NUMEL - 5, tsel.MAX_NUMEL):
+        ntiles = -(-n // block)
+        for expect, share in ((n // 100, 0), (n, n), (n // 2, 1 << 30)):
+            regions, rcap = tsel._capacity(n, expect, share, ntiles)
+            assert 1 <= regions <= _config.SELECT_REGIONS_MAX
+            assert regions * rcap <= tsel.MAX_NUMEL, (n, expect, share, regions, rcap)
+            assert rcap >= min(n, expect) // regions  # still holds the expected band
+
+
 # ----------------------------------------------------------------------------- masks, L1
 
 

@@ -400,13 +400,15 @@ def _capacity(n: int, expect: int, share: int, ntiles: int) -> tuple[int, int]:
 
     The band holds about ``expect`` keys, more when many keys tie inside it, so the buffer
     gets the larger of a multiple of the estimate (+ n / CAP_TIE_DIV) and its share of the
-    memory budget, at most n. A region never needs more than its tiles' entries.
+    memory budget, at most n. A region never needs more than its tiles' entries. The scan
+    kernel stores candidate offsets (region * rcap + position) as int32, so regions * rcap
+    stays below 2**31 (near MAX_NUMEL a smaller buffer only means the exact fallback runs).
     """
     regions = max(1, min(_config.SELECT_REGIONS_MAX, ntiles // _config.SELECT_TILES_PER_REGION))
     cap = int(_config.CAP_FACTOR * expect) + n // _config.CAP_TIE_DIV + _config.CAP_MIN
     cap = min(n, max(cap, share))
     block = _config.SELECT_BLOCK
-    rcap = min(cdiv(ntiles, regions) * block, cdiv(cap, regions) + block)
+    rcap = min(cdiv(ntiles, regions) * block, cdiv(cap, regions) + block, MAX_NUMEL // regions)
     return regions, rcap
 
 
