@@ -12,10 +12,13 @@ class NonFiniteError(MergeError):
 
     ``tensor`` names the merged tensor; ``input_index`` is the position of the offending input
     among the job's inputs (the base first when there is one), None when the merge itself
-    produced the NaN/Inf."""
+    produced the NaN/Inf; ``count`` of that input's ``numel`` values are NaN/Inf."""
 
     def __init__(self, message: str, *, tensor: str | None = None,
-                 input_index: int | None = None):
+                 input_index: int | None = None, count: int | None = None,
+                 numel: int | None = None):
         super().__init__(message)
         self.tensor = tensor
         self.input_index = input_index
+        self.count = count
+        self.numel = numel

@@ -164,14 +164,14 @@ def _check_finite(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor],
         if bad_out == 0 and (job.traits.sparsify is None or facts.deltas == 0):
             continue
         inputs = ([("base", job.base)] if job.base is not None else []) + [
-            (f"model {i}", x) for i, x in enumerate(job.xs)
+            (f"tensors[{i}]", x) for i, x in enumerate(job.xs)
         ]
         for k, ((label, tensor), bad) in enumerate(
                 zip(inputs, nonfinite_counts([t for _, t in inputs]))):
             if bad:
                 raise NonFiniteError(
                     f"tensor {job.name!r}: {label} has {bad} NaN/Inf value(s) out of {tensor.numel()}",
-                    tensor=job.name, input_index=k)
+                    tensor=job.name, input_index=k, count=bad, numel=tensor.numel())
         if bad_out == 0:
             continue
         raise NonFiniteError(

@@ -450,7 +450,8 @@ def _locate_non_finite(exc: NonFiniteError, items: list[_Item]) -> NonFiniteErro
         order = ([base] if base is not None else []) + [
             k for k in range(len(planned.inputs)) if k != base]
         inp = planned.inputs[order[exc.input_index]]
-        return NonFiniteError(f"{exc} (input {inp.model!r}, file {str(inp.info.file)!r}, "
-                              f"tensor {inp.info.name!r})", tensor=exc.tensor,
-                              input_index=exc.input_index)
+        return NonFiniteError(
+            f"tensor {exc.tensor!r}: input {inp.model!r} has {exc.count} NaN/Inf value(s) out "
+            f"of {exc.numel} (file {str(inp.info.file)!r}, tensor {inp.info.name!r})",
+            tensor=exc.tensor, input_index=exc.input_index, count=exc.count, numel=exc.numel)
     return exc

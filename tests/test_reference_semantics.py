@@ -104,7 +104,7 @@ def test_nan_input_is_a_clear_error():
     base, xs = family()
     xs[1] = xs[1].clone()
     xs[1].view(-1)[5] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"'layers.3.w'.*model 1 has 1 NaN"):
+    with pytest.raises(NonFiniteError, match=r"'layers.3.w'.*tensors\[1\] has 1 NaN"):
         mergecore.task_arithmetic(base, xs, [1, 1, 1], name="layers.3.w")
 
 
@@ -120,7 +120,7 @@ def test_nan_input_of_a_sparsifying_merge_is_an_error_even_when_the_output_is_fi
     xs[1].view(-1)[7] = float("nan")
     params = {"densities": 0.5, "seed": 1} if method == "dare_ties" else {"densities": 0.5}
     job = mergecore.make_job(method, base, xs, weights=[1, 1, 1], name="layers.3.w", **params)
-    with pytest.raises(NonFiniteError, match=r"'layers.3.w'.*model 1 has 1 NaN"):
+    with pytest.raises(NonFiniteError, match=r"'layers.3.w'.*tensors\[1\] has 1 NaN"):
         mergecore.merge_many([job])
 
 
