@@ -13,7 +13,7 @@ Part 2 (in memory): a family of the same shape is built in memory on ``--device`
 ``mergekit.merge_methods.merge_state_dicts(models, method, base=0, parameters=TIES)`` runs once
 with ``mergekit.merge_methods.get("ties")`` and once with
 ``mergecore.integrations.mergekit.method("ties")``, in the same process, and the outputs are
-compared by merge-math.md's rule (share of elements within 1 ulp, >= 95% for TIES).
+compared by docs/semantics.md's rule (share of elements within 1 ulp, >= 95% for TIES).
 
 Results: a table and JSON lines appended to bench/results/integrations.jsonl.
 """

@@ -2,7 +2,7 @@
 
 A *job* (``MergeJob``) is one output tensor's merge with every parameter resolved. The
 sparsification kind says how each model's delta ``d_i = x_i - base`` is trimmed, the combine
-kind how the trimmed deltas are summed (``merge-math.md`` has the formulas).
+kind how the trimmed deltas are summed (``docs/semantics.md`` has the formulas).
 """
 
 from __future__ import annotations

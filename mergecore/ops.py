@@ -4,7 +4,7 @@ Each function builds one ``MergeJob``, validates it, and sends it through the di
 table; the ``*_batched`` forms take one entry per output tensor and run every stage of all of
 them in one backend call. Arithmetic is fp32 with fp32 accumulation on the CPU/GPU kernels
 (float64 on the reference backend); the output dtype defaults to the base's (or the first
-input's). Formulas: ``merge-math.md`` and ``mergecore.methods``.
+input's). Formulas: ``docs/semantics.md`` and ``mergecore.methods``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergecore.benchmark import projection
+from mergecore.benchmark import e2e, projection
 from mergecore.benchmark.shapes import model_bytes
 from mergecore.cli import main
 
@@ -244,3 +244,17 @@ def test_kernel_and_stage_tables_show_the_share_of_roof_as_the_same_percentage()
     stage_line = next(line for line in text.splitlines() if line.startswith("compute"))
     assert "2.7%" in kernel_line and "2.7%" in stage_line
     assert "0.0266" not in text and kernel["roof_share"] == 0.0266
+
+
+@pytest.mark.parametrize("method", e2e.METHODS)
+def test_every_end_to_end_method_config_merges(method, tmp_path, small_family):
+    """`mergecore bench --method M` and bench/e2e.py merge the YAML ``merge_config`` writes;
+    each one is a valid config of its method that merges every tensor."""
+    import yaml
+
+    cfg = e2e.merge_config(method, *small_family)
+    assert cfg["merge_method"] == method
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()

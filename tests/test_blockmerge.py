@@ -1,5 +1,5 @@
 """BlockMerge_Gradient documents through ``mergecore merge``, against a direct implementation
-of the rule in merge-math.md written here: per operation, the names in state_dict order are
+of the rule in docs/semantics.md written here: per operation, the names in state_dict order are
 filtered, given linspace ratios section by section, and blended one operation after the
 other, in float64; lm_head / embed_tokens keep model 1's vocabulary."""
 

@@ -2,7 +2,7 @@
 
 Every kernel runs on fresh random inputs (also bf16 inputs with many repeated values, so
 selection ties at the threshold happen), odd shapes, every input and output dtype, with the
-output poisoned with NaN before the call. Tolerances (merge-math.md): bf16/fp16 outputs within
+output poisoned with NaN before the call. Tolerances (docs/semantics.md): bf16/fp16 outputs within
 1 ulp of the float64 oracle rounded to the output dtype and >= 99.9% identical; fp32 outputs
 within 2**-22 * (sum of |terms|) per element.
 """

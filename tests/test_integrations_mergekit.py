@@ -4,7 +4,7 @@ Agreement per element (``_agreement``): within 1 ulp of the output dtype, or wit
 rounding error mergekit's own arithmetic can make: ``4 u |terms|`` with ``u`` the unit roundoff
 of the working dtype (mergekit computes the task-arithmetic family in bf16/fp16 for bf16/fp16
 inputs, weights and deltas rounded) and ``|terms|`` the sum of the magnitudes the result is
-built from. Required shares are merge-math.md's: 99.9% for linear, slerp and task_arithmetic,
+built from. Required shares are docs/semantics.md's: 99.9% for linear, slerp and task_arithmetic,
 95% for the sparsifying methods (tie-breaking among equal magnitudes, and bf16 deltas that move
 entries across the trim threshold). DARE's random masks differ by design, so DARE is compared
 exactly at density 1 and statistically below.

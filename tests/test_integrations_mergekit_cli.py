@@ -29,7 +29,7 @@ DTYPES = {"dtype": "float32", "out_dtype": "bfloat16"}
 
 
 def _configs(base: str, ft1: str, ft2: str) -> dict[str, tuple[dict, float]]:
-    """name -> (YAML dict, share of elements within 1 ulp required), merge-math.md's rules."""
+    """name -> (YAML dict, share of elements within 1 ulp required), docs/semantics.md's rules."""
     two = [{"model": ft1, "parameters": {"weight": 0.7, "density": 0.5}},
            {"model": ft2, "parameters": {"weight": 0.4, "density": 0.3}}]
     return {

@@ -3,7 +3,7 @@
 The reference is PEFT itself: the base model loaded in float64, the adapter loaded with
 ``PeftModel.from_pretrained`` and merged with ``merge_and_unload`` (an exact float64 merge),
 then rounded to the base's dtype. mergecore's result must be within 1 ulp of it everywhere
-and identical on at least 99.9% of the elements (merge-math.md, "Tolerances", LoRA).
+and identical on at least 99.9% of the elements (docs/semantics.md, "Tolerances", LoRA).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def peft_merged(model_dir: Path, adapter_dir: Path, dtype: torch.dtype | None = 
 
 
 def assert_lora_tolerance(ours: torch.Tensor, ref: torch.Tensor, name: str) -> None:
-    """merge-math.md: every element within 1 ulp, at least 99.9% identical."""
+    """docs/semantics.md: every element within 1 ulp, at least 99.9% identical."""
     assert ours.dtype == ref.dtype and ours.shape == ref.shape, name
     d = ulp_diff(ours, ref)
     assert int(d.max()) <= 1, f"{name}: {int(d.max())} ulp"

@@ -1,7 +1,7 @@
 """`mergecore merge` end to end against `mergekit-yaml` 0.1.5 on generated checkpoints.
 
 One mergekit subprocess runs every config (its import is slow); each test then runs the
-same YAML through mergecore's CLI entry point and compares the outputs by merge-math.md's
+same YAML through mergecore's CLI entry point and compares the outputs by docs/semantics.md's
 tolerances. Outputs must also load with transformers and give finite logits.
 """
 
@@ -219,7 +219,7 @@ def test_qwen2_and_gemma_layouts_match_mergekit_and_load(other_layouts, name):
         compare_outputs(ours_state, theirs_state, min_within_1ulp=0.999)
     else:
         # TIES of bf16-stored models: equal delta magnitudes tie at the trim threshold and
-        # mergekit keeps an arbitrary part of a tied group (merge-math.md), which shows most
+        # mergekit keeps an arbitrary part of a tied group (docs/semantics.md), which shows most
         # on the 64-element norm vectors; overall the outputs agree as on Llama
         report = compare_outputs(ours_state, theirs_state, min_within_1ulp=0.9)
         total = sum(t.numel for t in report.tensors)

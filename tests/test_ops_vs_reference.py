@@ -1,7 +1,7 @@
 """Every merge method x backend x dtype against the float64 reference backend.
 
 Outputs are poisoned with NaN before each call; kept sets (TIES, breadcrumbs, DARE) must be
-identical to the reference; values within the merge-math.md tolerances.
+identical to the reference; values within the docs/semantics.md tolerances.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def lora_blockmerge_recipe(base: str, ft1: str, ft2: str, adapter: str) -> list[
 
 RECIPES = {"lzlv": lzlv_recipe, "ties_slerp": ties_slerp_recipe,
            "dare_slices": dare_slices_recipe, "lora_blockmerge": lora_blockmerge_recipe}
-MERGEKIT_SHARE = {"lzlv": 0.999, "ties_slerp": 0.95}  # merge-math.md: slerp / ties
+MERGEKIT_SHARE = {"lzlv": 0.999, "ties_slerp": 0.95}  # docs/semantics.md: slerp / ties
 
 
 def write_recipe(path: Path, docs: list[dict]) -> Path:
@@ -233,9 +233,10 @@ def test_each_input_tensor_is_read_once_and_the_budget_holds(family, tmp_path):
 
 def test_dry_run_shows_the_stages_and_writes_nothing(family, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yml", lzlv_recipe(*family))
-    merge(recipe, tmp_path / "out", "--dry-run", "-v")
+    merge(recipe, tmp_path / "out", "--dry-run", "-v", "--max-memory", "64MiB")
     text = capsys.readouterr().out
     assert "3 stages" in text and "stage comp1" in text and "stage comp2" in text
+    assert "memory budget: 64.0 MiB (--max-memory)" in text
     assert "slerp[final](slerp[comp1](base, ft1), slerp[comp2](ft1, ft2))" in text
     assert not (tmp_path / "out").exists()
 

@@ -1,4 +1,4 @@
-"""The reference backend against merge-math.md's edge cases and against mergekit 0.1.5."""
+"""The reference backend against docs/semantics.md's edge cases and against mergekit 0.1.5."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_reference_matches_mergekit_functions(method, params, share, dtype):
         job = mergecore.make_job(method, None if method == "linear" else base, xs, **ours_kwargs)
         ours = mergecore.merge_many([job])[0]
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
-    # bf16/fp16: merge-math's 1-ulp shares. fp32: mergekit's own fp32 arithmetic (several
+    # bf16/fp16: docs/semantics.md's 1-ulp shares. fp32: mergekit's own fp32 arithmetic (several
     # roundings in another order) lands a few fp32 ulp from the correctly rounded result.
     n_ulp = 4 if dtype == torch.float32 else 1
     assert within_ulp_share(ours, theirs, n_ulp) >= share

@@ -81,7 +81,7 @@ def _slerp_t(name: str) -> float:
 
 
 def _float64_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """The slerp of docs/merge-math.md in float64 (angle over the flattened tensors)."""
+    """The slerp of docs/semantics.md in float64 (angle over the flattened tensors)."""
     a, b = a.double(), b.double()
     n0, n1 = a.norm().item(), b.norm().item()
     n0, n1 = (n if n > 1e-8 else 1.0 for n in (n0, n1))
@@ -537,7 +537,7 @@ def test_mergekit_methods_on_llama_family(tmp_path, llama_family):
             assert state.keys() == b_state.keys(), name
             assert all(state[k].shape == b_state[k].shape for k in state), name
             assert any(not torch.equal(state[k], b_state[k]) for k in state), name
-    # linear and slerp agree with the float64 contract of docs/merge-math.md
+    # linear and slerp agree with the float64 contract of docs/semantics.md
     compare_outputs(results["linear"], _float64_linear([base, ft1], [1.0, 3.0]),
                     min_within_1ulp=0.999)
     s1, s2 = load_state(ft1), load_state(ft2)

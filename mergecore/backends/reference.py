@@ -1,4 +1,4 @@
-"""The float64 reference backend: merge-math.md implemented literally, one job at a time.
+"""The float64 reference backend: docs/semantics.md implemented literally, one job at a time.
 
 It is the oracle the accelerated backends are tested against and the fallback when neither
 is available. Values are computed in float64 and rounded once to the output dtype. Two

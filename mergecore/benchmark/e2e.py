@@ -55,19 +55,22 @@ def merge_config(method: str, base: str, ft1: str, ft2: str) -> dict[str, Any]:
         "task_arithmetic": {"base_model": base, "models": [
             {"model": ft1, "parameters": {"weight": 0.7}},
             {"model": ft2, "parameters": {"weight": 0.3}}]},
-        "dare_ties": {"base_model": base, "random_seed": 1, "models": [
-            {"model": ft1, "parameters": {"weight": 1.0, "density": 0.5}},
-            {"model": ft2, "parameters": {"weight": 0.5, "density": 0.5}}]},
-        "breadcrumbs": {"base_model": base, "models": [
-            {"model": m["model"], "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.01}}
-            for m in two]},
     }
+    for dare in ("dare_linear", "dare_ties"):
+        configs[dare] = {"base_model": base, "random_seed": 1, "models": [
+            {"model": ft1, "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": ft2, "parameters": {"weight": 0.5, "density": 0.5}}]}
+    for crumbs in ("breadcrumbs", "breadcrumbs_ties"):
+        configs[crumbs] = {"base_model": base, "models": [
+            {"model": m["model"], "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.01}}
+            for m in two]}
     if method not in configs:
         raise ValueError(f"--method {method!r}: choose one of {', '.join(configs)}")
     return {"merge_method": method, "dtype": "bfloat16", **configs[method]}
 
 
-METHODS = ("ties", "linear", "slerp", "task_arithmetic", "dare_ties", "breadcrumbs")
+METHODS = ("ties", "linear", "slerp", "task_arithmetic", "dare_linear", "dare_ties", "breadcrumbs",
+           "breadcrumbs_ties")
 
 
 def family_dir(root: Path, shape: str, layers: int) -> Path:

@@ -18,7 +18,8 @@ import torch
 import mergecore
 from mergecore.benchmark.timing import time_median
 
-METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_ties", "breadcrumbs")
+METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+           "breadcrumbs_ties")
 WEIGHTS = (0.6, 0.4)
 DENSITY = 0.4
 

@@ -12,7 +12,7 @@ The YAML (Gryphe's BlockMerge_Gradient format)::
       - {operation: LABEL, filter: SUBSTRING, gradient_values: [g0, ..., gm],
          layer_only: false, no_layers: false}
 
-The rule (merge-math.md, "BlockMerge_Gradient"). The tensor names, in the order of the
+The rule (docs/semantics.md, "BlockMerge_Gradient"). The tensor names, in the order of the
 model class's ``state_dict()`` (``architecture_tensor_order``), are filtered per operation:
 names containing "layer" with ``layer_only``, names without it with ``no_layers``, then
 names containing ``filter``. With ``m = len(g) - 1`` sections and ``q = len(names) // m``,

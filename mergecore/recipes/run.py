@@ -35,6 +35,7 @@ from mergecore.merge import (
     _Progress,
     budget_warnings,
     check_output,
+    describe_budget,
     describe_plan,
     input_directories,
     prepare_output,
@@ -150,6 +151,7 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
     """The output side of ``run_recipe``: checks, then the fused pass (``lock`` held)."""
     if options.dry_run:
         print(describe_recipe(recipe, options, verbose=options.verbose))
+        print(describe_budget(recipe, options))
     state = check_output(out_dir, options, shards, fingerprint,
                          input_dirs=input_directories(recipe.tensors),
                          tokenizer_source=source, lock=lock, config_path=config_path)

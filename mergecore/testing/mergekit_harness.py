@@ -8,7 +8,7 @@
 * :func:`load_state` reads every tensor of an output directory (sharded or not).
 * :func:`ulp_diff` is the elementwise distance in units in the last place of the dtype.
 * :func:`compare_outputs` checks two outputs against each other by the rules of
-  ``docs/merge-math.md`` ("Tolerances"): same names, shapes and dtypes, non-float tensors
+  ``docs/semantics.md`` ("Tolerances used by the tests"): same names, shapes and dtypes, non-float tensors
   identical, and per float tensor a minimum share of elements within 1 ulp.
 """
 
