@@ -22,11 +22,18 @@ from pathlib import Path
 
 from mergecore import faults, preflight
 from mergecore.config.errors import ConfigError
+from mergecore.config.layout import config_vocab_size
 from mergecore.devices import check_device
 from mergecore.dtypes import dtype_name
 from mergecore.heap import release_freed_memory_promptly
 from mergecore.interrupt import handle_termination, keeps_progress
-from mergecore.io import StreamingWriter, TensorReader, plan_shards, tokenizer_files
+from mergecore.io import (
+    StreamingWriter,
+    TensorReader,
+    plan_shards,
+    split_model_ref,
+    tokenizer_files,
+)
 from mergecore.io.types import SAFETENSORS_DTYPES
 from mergecore.out_lock import OutputLock, busy_message, empty_directory
 from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats, _item_bytes
@@ -38,6 +45,11 @@ from mergecore.resume import (
     check_resume,
     plan_fingerprint,
     prepare_resume_dir,
+)
+from mergecore.tokenizer import (
+    resolve_chat_template,
+    tokenizer_size_problems,
+    write_chat_template,
 )
 
 
@@ -86,11 +98,13 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str, *,
                  input_dirs: set[Path], tokenizer_source: Path | None,
                  lock: OutputLock | None = None,
-                 config_path: str | os.PathLike | None = None) -> ResumeState:
+                 config_path: str | os.PathLike | None = None,
+                 vocab_size: int | None = None) -> ResumeState:
     """Every output-side problem at once (``OutputCheckError``): the directory (not being
     written by another merge: ``lock`` is taken when it exists; empty unless
     --overwrite/--resume; writable; none of ``input_dirs``), what ``--resume`` keeps (verified
-    against the manifest, whose fingerprint must be ``fingerprint``) and the free space."""
+    against the manifest, whose fingerprint must be ``fingerprint``), the free space, and
+    that the tokenizer to be copied uses no token id past the output's ``vocab_size`` rows."""
     if lock is not None and lock.busy():
         raise preflight.OutputCheckError(out_dir, [busy_message(out_dir)])
     problems = preflight.directory_problems(out_dir, overwrite=options.overwrite,
@@ -108,11 +122,19 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
     extra = 0
     if options.copy_tokenizer and tokenizer_source is not None:
         extra = sum(f.stat().st_size for f in tokenizer_files(tokenizer_source) if f.is_file())
+        problems += tokenizer_size_problems(tokenizer_source, vocab_size)
     problems += preflight.space_problems(out_dir, shards, overwrite=options.overwrite,
                                          kept=state.completed, extra_bytes=extra)
     if problems:
         raise preflight.OutputCheckError(out_dir, problems)
     return state
+
+
+def template_warnings(plan, options: MergeOptions) -> list[str]:
+    """A chat template asked for where no tokenizer is written has no effect: say so."""
+    if plan.chat_template and not options.copy_tokenizer:
+        return ["chat_template is ignored: with --no-copy-tokenizer no tokenizer is written"]
+    return []
 
 
 def with_output_problems(exc: ConfigError, out_dir: Path, options: MergeOptions
@@ -321,14 +343,23 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
 
 
 def write_side_files(out_dir: Path, plan, options: MergeOptions, *, yaml_text: str,
-                     tokenizer_source: Path | None) -> None:
-    """Everything of an output but the weights: config.json, the tokenizer, the YAML and the
-    model card (written before the writer is finalized, so the index still comes last)."""
+                     tokenizer_source: Path | None,
+                     template_dirs: list[Path] | None = None) -> None:
+    """Everything of an output but the weights: config.json, the tokenizer (with the config's
+    chat template; ``auto`` picks among ``template_dirs``, by default the plan's models), the
+    YAML and the model card (written before the writer is finalized, so the index still
+    comes last)."""
     from mergecore import output_files
 
     output_files.write_config_json(out_dir, plan.output_config)
     if options.copy_tokenizer and tokenizer_source is not None:
         output_files.copy_tokenizer(out_dir, tokenizer_files(tokenizer_source))
+        if plan.chat_template:
+            dirs = template_dirs if template_dirs is not None else [
+                Path(split_model_ref(m)[0]) for m in plan.models]
+            template = resolve_chat_template(plan.chat_template, dirs)
+            if template:
+                write_chat_template(out_dir, template)
     if yaml_text:
         output_files.write_config_yaml(out_dir, yaml_text)
         if options.write_model_card:
@@ -364,7 +395,8 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                           allow_crimes=options.allow_crimes)
     except ConfigError as exc:
         raise with_output_problems(exc, out_dir, options) from None
-    report_warnings(plan.warnings + budget_warnings(plan.tensors, options))
+    report_warnings(plan.warnings + budget_warnings(plan.tensors, options)
+                    + template_warnings(plan, options))
     if options.random_seed is None and plan.random_seed is not None:
         options.random_seed = plan.random_seed
     source = Path(plan.tokenizer_path) if plan.tokenizer_path else None
@@ -378,7 +410,8 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     with OutputLock(out_dir) as lock:  # held until the output is finalized or abandoned
         state = check_output(out_dir, options, shards, fingerprint,
                              input_dirs=input_directories(plan.tensors),
-                             tokenizer_source=source, lock=lock, config_path=config_path)
+                             tokenizer_source=source, lock=lock, config_path=config_path,
+                             vocab_size=config_vocab_size(plan.output_config))
         if options.dry_run:
             return MergeResult(out_dir, [], PipelineStats(), plan)
         prepare_output(out_dir, options, shards, state, lock)

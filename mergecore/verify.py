@@ -11,7 +11,9 @@ Checks, each reported as one line:
 - the manifest (when the output was written by mergecore): it lists the same shard files,
   marks them all complete, and each file's size and sha256 equal the recorded ones;
 - ``config.json`` is read by ``transformers.AutoConfig`` (when transformers is not
-  installed: it is valid JSON with a ``model_type``, and a note says it was not loaded).
+  installed: it is valid JSON with a ``model_type``, and a note says it was not loaded);
+- the tokenizer, when there is one whose size its files state (``mergecore.tokenizer``),
+  uses no token id at or past ``config.json``'s ``vocab_size``.
 
 When the manifest shows an unfinished merge (shards not complete, or the final index or
 weights file not written yet), a ``hint`` line says how many shards are done and that
@@ -28,10 +30,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergecore.config.layout import config_vocab_size
 from mergecore.io.errors import SafetensorsError
 from mergecore.io.safetensors_format import read_header
 from mergecore.io.writer import MANIFEST_NAME
 from mergecore.resume import ResumeError, file_sha256, read_manifest
+from mergecore.tokenizer import token_count
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -206,6 +210,22 @@ def _check_config(out_dir: Path, report: VerifyReport) -> None:
     report.passed(f"config.json: read by transformers ({type(config).__name__})")
 
 
+def _check_tokenizer(out_dir: Path, report: VerifyReport) -> None:
+    count = token_count(out_dir)
+    try:
+        config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # _check_config reports it
+    vocab = config_vocab_size(config)
+    if count is None or vocab is None:
+        return
+    if count > vocab:
+        report.failed(f"tokenizer: {count} tokens, but config.json's vocab_size is {vocab} "
+                      f"(token ids {vocab}..{count - 1} have no embedding row)")
+    else:
+        report.passed(f"tokenizer: {count} tokens, within vocab_size {vocab}")
+
+
 def _unfinished_progress(out_dir: Path) -> tuple[int, int] | None:
     """``(complete shards, planned shards)`` when the manifest of ``out_dir`` shows a merge
     that did not finish: the file it ends with (the index it names, or its only shard when it
@@ -258,5 +278,6 @@ def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True) -> Veri
     if files:
         _check_manifest(out_dir, files, report, checksums)
     _check_config(out_dir, report)
+    _check_tokenizer(out_dir, report)
     _hint_if_interrupted(out_dir, report)
     return report

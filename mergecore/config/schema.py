@@ -52,6 +52,7 @@ from mergecore.config.params import (
     setting_leaves,
     validate_value,
 )
+from mergecore.tokenizer import chat_template_problem
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype",
             "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "random_seed", "name")
@@ -416,6 +417,8 @@ def _check_document(raw: Any, doc_label: str, problems: Problems) -> MergeConfig
     template = raw.get("chat_template")
     if template is not None and not isinstance(template, str):
         checker.add("chat_template", "must be a string (a template name or a Jinja template)")
+    elif template is not None and (problem := chat_template_problem(template)):
+        checker.add("chat_template", problem)
     cfg.chat_template = template if isinstance(template, str) else None
     seed = raw.get("random_seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):

@@ -25,6 +25,7 @@ import yaml
 
 from mergecore import faults
 from mergecore.config.errors import ConfigError
+from mergecore.config.layout import config_vocab_size
 from mergecore.heap import release_freed_memory_promptly
 from mergecore.interrupt import handle_termination, keeps_progress
 from mergecore.io import StreamingWriter, TensorReader, plan_shards
@@ -41,6 +42,7 @@ from mergecore.merge import (
     prepare_output,
     remaining_tensors,
     report_warnings,
+    template_warnings,
     with_output_problems,
     write_side_files,
 )
@@ -131,7 +133,8 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
                              keep_intermediates=keep is not None)
     except ConfigError as exc:
         raise with_output_problems(exc, out_dir, options) from None
-    report_warnings(recipe.warnings + budget_warnings(recipe.tensors, options))
+    report_warnings(recipe.warnings + budget_warnings(recipe.tensors, options)
+                    + template_warnings(recipe.final.plan, options))
     by_name = {s.name: s for s in recipe.stages if s.name is not None}
     source = _tokenizer_dir(recipe.final, by_name)
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in recipe.final.plan.tensors]
@@ -154,7 +157,8 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
         print(describe_budget(recipe, options))
     state = check_output(out_dir, options, shards, fingerprint,
                          input_dirs=input_directories(recipe.tensors),
-                         tokenizer_source=source, lock=lock, config_path=config_path)
+                         tokenizer_source=source, lock=lock, config_path=config_path,
+                         vocab_size=config_vocab_size(recipe.final.plan.output_config))
     if options.dry_run:
         return MergeResult(out_dir, [], PipelineStats(), recipe)
     if options.num_threads:
@@ -186,7 +190,8 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
                                  tokenizer_source=_tokenizer_dir(s, by_name))
                 writers[s.title].finalize()
             write_side_files(out_dir, recipe.final.plan, options, yaml_text=text,
-                             tokenizer_source=source)
+                             tokenizer_source=source,
+                             template_dirs=sorted(input_directories(recipe.tensors)))
             files = final.finalize()
     except BaseException as exc:
         for w in writers.values():  # no-op once finalized

@@ -1,0 +1,155 @@
+"""The output's tokenizer: a tokenizer larger than the merged embeddings is refused before
+anything is written (and `mergecore verify` catches one), and mergekit's `chat_template` key
+(a name, a Jinja template, or `auto`) reaches the copied tokenizer, where transformers uses it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergecore import tokenizer as tk
+from mergecore.cli import main
+from mergecore.synthetic import make_family
+from mergecore.verify import verify_output
+
+CONVERSATION = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def mixed_vocab(tmp_path_factory):
+    """base and ft2 with 256 tokens, ft1 with 258 (two added tokens, like a fine-tune that
+    added a pad token)."""
+    root = tmp_path_factory.mktemp("mixed_vocab")
+    return [str(p) for p in make_family(root, n_models=3, hidden=32, layers=2,
+                                        vocab_sizes=[256, 258, 256])]
+
+
+def _write(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _linear(models: list[str], **extra) -> dict:
+    return {"merge_method": "linear", "dtype": "bfloat16",
+            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models], **extra}
+
+
+def test_token_count_is_one_past_the_largest_id(mixed_vocab):
+    base, ft1, _ = mixed_vocab
+    for model in (base, ft1):
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        assert tk.token_count(model) == vocab  # the generator's tokenizers fill the vocabulary
+    assert tk.token_count(Path(base) / "nowhere") is None
+
+
+def test_token_count_reads_unigram_lists_and_added_tokens(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "Unigram", "vocab": [["<unk>", 0.0], ["a", -1.0], ["b", -2.0]]},
+        "added_tokens": [{"id": 7, "content": "<pad>"}]}))
+    assert tk.token_count(tmp_path) == 8
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"0": {}, "31999": {}, "32000": {}}}))
+    assert tk.token_count(tmp_path) == 32001
+
+
+def test_tokenizer_larger_than_the_merged_vocabulary_is_refused_before_writing(
+        mixed_vocab, tmp_path, capsys):
+    base, ft1, ft2 = mixed_vocab
+    cfg = _write(tmp_path / "c.yml", _linear([ft1, ft2, base], tokenizer_source=ft1))
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"the tokenizer of {ft1!r} has 258 tokens" in err
+    assert "embeddings have 256 rows" in err and "token ids 256..257" in err
+    assert not out.exists()
+    # without the tokenizer copy the same merge is fine; with the base's tokenizer too
+    assert main(["merge", str(cfg), str(out), "--quiet", "--no-copy-tokenizer"]) == 0
+    assert not (out / "tokenizer.json").exists()
+    cfg = _write(tmp_path / "c2.yml", _linear([ft1, ft2, base], tokenizer_source="base",
+                                                base_model=base))
+    assert main(["merge", str(cfg), str(tmp_path / "out2"), "--quiet"]) == 0
+    assert verify_output(tmp_path / "out2").ok
+
+
+def test_verify_fails_an_output_whose_tokenizer_outgrows_vocab_size(mixed_vocab, tmp_path):
+    base, ft1, ft2 = mixed_vocab
+    cfg = _write(tmp_path / "c.yml", _linear([base, ft2]))
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--quiet"]) == 0
+    report = verify_output(out)
+    assert report.ok and "tokenizer: 256 tokens, within vocab_size 256" in report.text()
+    shutil.copyfile(Path(ft1) / "tokenizer.json", out / "tokenizer.json")
+    report = verify_output(out)
+    assert not report.ok
+    assert "tokenizer: 258 tokens, but config.json's vocab_size is 256" in report.text()
+
+
+def _rendered(out: Path) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    return tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+
+
+def test_named_chat_template_is_written_and_used_by_transformers(small_family, tmp_path):
+    base, ft1, _ = small_family
+    cfg = _write(tmp_path / "c.yml", _linear([base, ft1], chat_template="chatml"))
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--quiet"]) == 0
+    assert (out / "chat_template.jinja").read_text() == tk.CHAT_TEMPLATES["chatml"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == \
+        tk.CHAT_TEMPLATES["chatml"]
+    assert _rendered(out) == "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_jinja_chat_template_is_written_as_given(small_family, tmp_path):
+    base, ft1, _ = small_family
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    cfg = _write(tmp_path / "c.yml", _linear([base, ft1], chat_template=template))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
+    assert _rendered(tmp_path / "out") == "[user] hello there\n"
+
+
+def test_auto_chat_template_takes_the_one_most_inputs_carry(small_family, tmp_path):
+    models = []
+    for i, src in enumerate(small_family):
+        dst = tmp_path / f"m{i}"
+        shutil.copytree(src, dst)
+        models.append(str(dst))
+    plurality = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    (Path(models[1]) / "chat_template.jinja").write_text(plurality)
+    config = json.loads((Path(models[2]) / "tokenizer_config.json").read_text())
+    config["chat_template"] = plurality
+    (Path(models[2]) / "tokenizer_config.json").write_text(json.dumps(config))
+    cfg = _write(tmp_path / "c.yml", _linear(models, chat_template="auto"))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
+    assert _rendered(tmp_path / "out") == "<hello there>"
+    # no input carries one: the copied tokenizer stays as it was
+    cfg = _write(tmp_path / "c2.yml", _linear(list(small_family), chat_template="auto"))
+    assert main(["merge", str(cfg), str(tmp_path / "out2"), "--quiet"]) == 0
+    assert not (tmp_path / "out2" / "chat_template.jinja").exists()
+
+
+@pytest.mark.parametrize("template, message", [
+    ("chatmlx", "'chatmlx' is neither 'auto', a template name (chatml, llama3, mistral, alpaca)"),
+    ("{% for m in messages %}{{ m }}", "the Jinja template does not parse"),
+])
+def test_bad_chat_template_is_a_config_error(small_family, tmp_path, capsys, template, message):
+    base, ft1, _ = small_family
+    cfg = _write(tmp_path / "c.yml", _linear([base, ft1], chat_template=template))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "chat_template" in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_chat_template_without_a_tokenizer_copy_is_a_warning(small_family, tmp_path, capsys):
+    base, ft1, _ = small_family
+    cfg = _write(tmp_path / "c.yml", _linear([base, ft1], chat_template="chatml"))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet", "--no-copy-tokenizer"]) == 0
+    assert "chat_template is ignored: with --no-copy-tokenizer" in capsys.readouterr().err
