@@ -316,7 +316,7 @@ def test_adapter_on_a_model_with_a_larger_vocabulary(models, tmp_path):
     ad = make_lora_adapter(big, tmp_path / "ad", **LLAMA_FULL)
     with_ad = apply_lora(load_state(big), ad)
     other = load_state(small)
-    cfg = {"merge_method": "linear", "dtype": "float32",
+    cfg = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": str(small),
            "models": [{"model": f"{big}+{ad}", "parameters": {"weight": 0.5}},
                       {"model": str(small), "parameters": {"weight": 0.5}}]}
     out = load_state(_merge(cfg, tmp_path / "common", tmp_path / "a.yml"))
