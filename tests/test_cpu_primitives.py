@@ -808,3 +808,32 @@ def test_count_nonfinite_matches_torch(dtype):
     want = [int((~torch.isfinite(t)).sum()) for t in tensors]
     assert cpu.count_nonfinite_many(tensors) == want
     assert want[-1] == 0 and want[2] > 1
+
+
+def test_without_the_extension_the_reference_backend_serves_with_one_warning():
+    """No compiled `mergecore._C`: `import mergecore` works, every CPU merge runs on the float64
+    reference backend (same results as forcing it), and exactly one RuntimeWarning says so."""
+    code = """
+        import sys, importlib.abc, warnings
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "mergecore._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, mergecore
+        torch.manual_seed(0)
+        base = torch.randn(1000).bfloat16()
+        xs = [(base.float() + 0.01 * torch.randn(1000)).bfloat16() for _ in range(2)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs = [mergecore.ties(base, xs, [1.0, 0.5], [0.5, 0.3]) for _ in range(3)]
+            outs.append(mergecore.slerp(base, xs[0], 0.3))
+        mine = [w for w in caught if "backend is not available" in str(w.message)]
+        jobs = [mergecore.make_job("ties", base, xs, weights=[1.0, 0.5], densities=[0.5, 0.3]),
+                mergecore.make_job("slerp", base, xs[:1], t=0.3)]
+        want = mergecore.merge_many(jobs, backend="reference")
+        same = all(torch.equal(o, want[0]) for o in outs[:3]) and torch.equal(outs[3], want[1])
+        print(len(mine), mine[0].category.__name__, "blocked for the test" in str(mine[0].message),
+              same)
+        """
+    assert _run_python(code, {"MERGECORE_BACKEND": ""}) == "1 RuntimeWarning True True"

@@ -70,10 +70,21 @@ def test_ties_density_zero_or_tiny_is_an_error_naming_the_tensor():
 
 
 def test_ties_density_one_keeps_everything():
+    """Density 1 trims nothing: every delta entry is kept (the kept sets are all-true) and
+    the result is the sign-elected disjoint mean of the untrimmed deltas."""
     base, xs = family()
-    out = mergecore.ties(base, xs, [1.0, 1.0, 1.0], 1.0)
-    want = mergecore.ties(base, xs, [1.0, 1.0, 1.0], 0.999999)  # k = n - 0 entries trimmed
-    assert torch.equal(out, want)
+    job = mergecore.make_job("ties", base, xs, weights=[1.0, 1.0, 1.0], densities=1.0)
+    for i in range(len(xs)):
+        mask = reference.keep_mask(job, i)  # None: nothing trimmed
+        assert mask is None or bool(mask.all())
+    b = base.double()
+    d = torch.stack([x.double() - b for x in xs])
+    sign = torch.where(d.sum(0) >= 0, 1.0, -1.0)
+    agree = (d.sign() == sign) & (d != 0)
+    count = agree.sum(0)
+    merged = b + torch.where(count > 0, (d * agree).sum(0) / count.clamp(min=1), 0.0)
+    out = mergecore.ties(base, xs, [1.0, 1.0, 1.0], 1.0, out_dtype=torch.float64)
+    assert torch.allclose(out, merged, rtol=1e-6, atol=1e-6)
 
 
 def test_all_zero_deltas_give_the_base():
