@@ -687,19 +687,24 @@ def test_import_mergecore_loads_torch_only_when_the_api_is_used():
     assert _run_python(code, {}) == "False True True [0.5, 0.5, 0.5]"
 
 
+# Python run first by the subprocess tests below: makes `import mergecore._C` fail.
+BLOCK_EXTENSION = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "mergecore._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+"""
+
+
 def test_import_fails_cleanly_without_the_extension():
-    code = """
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "mergecore._C":
-                    raise ImportError("blocked for the test")
-        sys.meta_path.insert(0, Block())
+    code = BLOCK_EXTENSION + textwrap.dedent("""
         try:
             import mergecore.backends.cpu
         except ImportError as exc:
             print("ImportError:", exc)
-        """
+        """)
     out = _run_python(code, {})
     assert out.startswith("ImportError:") and "build_ext --inplace" in out
 
@@ -813,13 +818,8 @@ def test_count_nonfinite_matches_torch(dtype):
 def test_without_the_extension_the_reference_backend_serves_with_one_warning():
     """No compiled `mergecore._C`: `import mergecore` works, every CPU merge runs on the float64
     reference backend (same results as forcing it), and exactly one RuntimeWarning says so."""
-    code = """
-        import sys, importlib.abc, warnings
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "mergecore._C":
-                    raise ImportError("blocked for the test")
-        sys.meta_path.insert(0, Block())
+    code = BLOCK_EXTENSION + textwrap.dedent("""
+        import warnings
         import torch, mergecore
         torch.manual_seed(0)
         base = torch.randn(1000).bfloat16()
@@ -835,5 +835,5 @@ def test_without_the_extension_the_reference_backend_serves_with_one_warning():
         same = all(torch.equal(o, want[0]) for o in outs[:3]) and torch.equal(outs[3], want[1])
         print(len(mine), mine[0].category.__name__, "blocked for the test" in str(mine[0].message),
               same)
-        """
+        """)
     assert _run_python(code, {"MERGECORE_BACKEND": ""}) == "1 RuntimeWarning True True"
