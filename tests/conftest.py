@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 # pyproject's `test` extra: tests importorskip these so that a partial local setup still runs
 # what it can, but CI installs them all, so a missing or broken one is an error there.
 DECLARED_TEST_DEPENDENCIES = ("mergekit", "transformers", "peft", "hypothesis", "triton",
-                              "pytest_benchmark")
+                              "pytest_benchmark", "matplotlib")
 if os.environ.get("CI"):
     for _module in DECLARED_TEST_DEPENDENCIES:
         importlib.import_module(_module)
