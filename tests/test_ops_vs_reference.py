@@ -11,7 +11,8 @@ import dataclasses
 import pytest
 import torch
 
-from mergecore import composed, dispatch
+import mergecore
+from mergecore import MergeError, composed, dispatch
 from mergecore.backends import reference
 from mergecore.backends.spec import KeepAll, KeepBand, KeepRandom, KeepTop
 from mergecore.numerics import ulp_diff, within_ulp_share
@@ -203,3 +204,33 @@ def test_cpu_large_tensor_over_2_pow_24():
         want = reference.merge_jobs([job])[0]
         got = run_backend("cpu", job)
         assert_close_to_reference(job, got, want)
+
+
+def test_public_batched_forms_equal_their_single_calls_with_per_tensor_parameters():
+    """`mergecore.batched` / `slerp_batched` with a parameter per entry (per-model ones as a
+    list of lists) give bit for bit what one call per tensor gives, DARE streams keyed by
+    `names` included."""
+    shapes = [(7,), (33, 5), (1000,)]
+    bases = [torch.randn(s).bfloat16() for s in shapes]
+    lists = [[(b.float() + 0.05 * torch.randn(b.shape)).bfloat16() for _ in range(2)]
+             for b in bases]
+    weights = [[1.0, 0.5], [0.3, 0.7], [1.0, 1.0]]
+    densities = [[0.2, 0.4], [0.5, 0.5], [0.9, 0.3]]
+    names = ["a.weight", "b.weight", "c.weight"]
+    got = mergecore.batched("ties", bases, lists, weights=weights, densities=densities,
+                            names=names)
+    for j in range(3):
+        want = mergecore.ties(bases[j], lists[j], weights[j], densities[j], name=names[j])
+        assert torch.equal(got[j], want), names[j]
+    got = mergecore.batched("dare_ties", bases, lists, weights=weights, densities=densities,
+                            seed=7, names=names)
+    for j in range(3):
+        want = mergecore.dare_ties(bases[j], lists[j], weights[j], densities[j], seed=7,
+                                   name=names[j])
+        assert torch.equal(got[j], want), names[j]
+    ts = [0.1, 0.5, 1.3]
+    got = mergecore.slerp_batched(bases, [xs[0] for xs in lists], t=ts)
+    for j in range(3):
+        assert torch.equal(got[j], mergecore.slerp(bases[j], lists[j][0], ts[j]))
+    with pytest.raises(MergeError, match="'densities' has 2 entries for 3 merges"):
+        mergecore.batched("ties", bases, lists, weights=weights, densities=[[0.5], [0.5]])

@@ -56,6 +56,15 @@ def test_slerp_t0_gives_base_and_t_outside_unit_interval_extrapolates():
     _s0, s1 = slerp_coefficients(float((a64 * a64).sum()), float((b64 * b64).sum()),
                                 float((a64 * b64).sum()), 1.5)
     assert s1 > 1.0  # extrapolation, no clamping
+    # the merge itself extrapolates: sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b
+    # over the flattened tensors, computed here in float64 from the angle
+    cos = float((a64 * b64).sum() / (a64.norm() * b64.norm()))
+    theta = math.acos(cos)
+    want = (math.sin(-0.5 * theta) * a64 + math.sin(1.5 * theta) * b64) / math.sin(theta)
+    for backend in ("reference", "cpu"):
+        job = mergecore.make_job("slerp", a, [b], t=1.5)
+        (out,) = mergecore.merge_many([job], backend=backend)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
 # ----- trimming edge cases ----------------------------------------------------------------
