@@ -86,15 +86,30 @@ def test_a_config_inside_the_output_directory_is_not_deleted(tmp_path, family, c
     assert saved.read_text() == text
 
 
-def test_config_errors_are_all_listed_before_any_output(tmp_path, family, capsys):
+def test_config_errors_are_all_listed_before_any_output(tmp_path, family, capsys, monkeypatch):
+    """...and before any tensor data is read: the reader refuses to read in this test."""
+    from mergecore.io.reader import TensorReader
+
+    def no_reading(*_args, **_kwargs):
+        raise AssertionError("tensor data was read before the config was checked")
+
+    monkeypatch.setattr(TensorReader, "read_into", no_reading)
+    monkeypatch.setattr(TensorReader, "read_tensor", no_reading)
     base, ft1, _ = family
     cfg = _config(tmp_path, {"merge_method": "ties", "base_model": base,
-                             "models": [{"model": ft1, "parameters": {"density": 0.5}},
-                                        {"model": str(tmp_path / "missing-model")}],
+                             "slices": [{"sources": [
+                                 {"model": base, "layer_range": [0, 2]},
+                                 {"model": ft1, "layer_range": [0, 99],
+                                  "parameters": {"density": 0.5}},
+                                 {"model": str(tmp_path / "missing-model"),
+                                  "layer_range": [0, 2]}]}],
                              "paramters": {}})
     assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "paramters" in err and "missing-model" in err and "weight" in err
+    assert "layer_range spans 2, 99, 2" in err, err
+    assert "missing-model' does not exist" in err, err
+    assert "tensor data was read" not in err
     assert not (tmp_path / "out").exists()
 
 

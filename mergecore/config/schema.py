@@ -508,7 +508,7 @@ def _check_slices(raw: Any, checker: _Checker) -> list[OutputSlice] | None:
         lengths = sorted({s.num_layers for s in sources})
         if len(lengths) > 1:
             checker.add(f"{where}.sources", "all sources of a slice must span the same number "
-                        f"of layers (got {', '.join(str(s.num_layers) for s in sources)})")
+                        f"of layers (their layer_range spans {', '.join(str(s.num_layers) for s in sources)})")
         base = None
         if entry.get("base_model") is not None:
             base = checker.model_ref(entry["base_model"], f"{where}.base_model")
@@ -654,7 +654,54 @@ def load_config(path: str | os.PathLike) -> list[MergeConfig]:
                           source=str(p)) from None
     except UnicodeDecodeError:
         raise ConfigError(["the configuration file is not UTF-8 text"], source=str(p)) from None
-    return parse_documents(text, source=str(p))
+    try:
+        return parse_documents(text, source=str(p))
+    except ConfigError as exc:
+        raise with_model_problems(exc, text) from None
+
+
+#: Keys whose string value names a model directory (mergekit's YAML and BlockMerge_Gradient's).
+MODEL_PATH_KEYS = ("model", "base_model", "model_path1", "model_path2")
+
+
+def _model_strings(node: Any):
+    """Every string under a MODEL_PATH_KEYS key of a parsed YAML document, in document order."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in MODEL_PATH_KEYS and isinstance(value, str):
+                yield value
+            else:
+                yield from _model_strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _model_strings(value)
+
+
+def with_model_problems(exc: ConfigError, text: str) -> ConfigError:
+    """``exc`` (problems found in the YAML) plus the problems of the model directories the
+    YAML names (missing, not safetensors, malformed headers; headers only), so that one error
+    lists both kinds instead of showing the second only after the first is fixed."""
+    from mergecore.config.load import open_checkpoints
+
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    except yaml.YAMLError:
+        return exc
+    stages = {d["name"] for d in docs if isinstance(d.get("name"), str)}
+    refs: list[ModelRef] = []
+    for text_ref in dict.fromkeys(s for d in docs for s in _model_strings(d)):
+        try:
+            ref = parse_model_ref(text_ref)
+        except ValueError:
+            continue  # the YAML's own problems already say so
+        if ref.path not in stages:
+            refs.append(ref)
+    problems = Problems()
+    open_checkpoints(refs, problems)
+    if not problems:
+        return exc
+    return ConfigError(exc.problems + [p for p in problems if p not in exc.problems],
+                       source=exc.source)
 
 
 # ----- multi-stage recipes --------------------------------------------------------------------
