@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergecore.benchmark import e2e, projection
+from mergecore.benchmark import e2e, kernels, projection
 from mergecore.benchmark.shapes import model_bytes
 from mergecore.cli import main
 
@@ -258,3 +258,23 @@ def test_every_end_to_end_method_config_merges(method, tmp_path, small_family):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", kernels.METHODS)
+def test_torch_eager_baselines_compute_the_method(method):
+    """The benchmark's torch-eager rows time a real implementation of each method: on
+    continuous random data (no ties at the thresholds) it agrees with mergecore's kernel
+    (DARE, whose mask comes from torch.rand, agrees in expectation: its mean over the
+    tensor)."""
+    base, xs = kernels.make_inputs((4099,), torch.float32, "cpu")
+    eager = kernels.eager_fn(method, base, xs)
+    assert eager is not None
+    fn = kernels.mergecore_fn(method, base, xs, "cpu")
+    fn()
+    out = fn.output
+    want = eager().reshape(out.shape)
+    if method.startswith("dare"):
+        delta_got, delta_want = (out - base).abs().mean(), (want - base).abs().mean()
+        assert abs(float(delta_got / delta_want) - 1) < 0.15
+    else:
+        torch.testing.assert_close(want, out, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ti
            "breadcrumbs_ties")
 WEIGHTS = (0.6, 0.4)
 DENSITY = 0.4
+GAMMA = 0.01  # breadcrumbs' top fraction dropped (mergecore's default)
 
 
 def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: str,
@@ -36,7 +37,7 @@ def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: str,
 
 def mergecore_fn(method: str, base: torch.Tensor, xs: list[torch.Tensor],
                  backend: str) -> Callable[[], object]:
-    """One merge of ``method`` on ``backend`` into a preallocated output."""
+    """One merge of ``method`` on ``backend`` into a preallocated output (``.output``)."""
     w = list(WEIGHTS)
     if method == "linear":
         job = mergecore.make_job("linear", None, xs, weights=w)
@@ -48,11 +49,17 @@ def mergecore_fn(method: str, base: torch.Tensor, xs: list[torch.Tensor],
         job = mergecore.make_job(method, base, xs, weights=w, densities=DENSITY, seed=1,
                                  name="bench")
     out = [torch.empty_like(base)]
-    return lambda: mergecore.merge_many([job], outs=out, backend=backend, check_finite=False)
+
+    def run():
+        return mergecore.merge_many([job], outs=out, backend=backend, check_finite=False)
+
+    run.output = out[0]  # what each call writes (the tests compare it)
+    return run
 
 
 def eager_fn(method: str, base: torch.Tensor, xs: list[torch.Tensor]) -> Callable[[], object] | None:
-    """Plain torch, fp32 math (None for the methods without an obvious eager form)."""
+    """Plain torch, fp32 math, written the obvious way (full-tensor kthvalue for the trims,
+    torch.rand for DARE's mask: the same work, not the same random stream)."""
     w = WEIGHTS
 
     def linear():
@@ -69,23 +76,59 @@ def eager_fn(method: str, base: torch.Tensor, xs: list[torch.Tensor]) -> Callabl
         s = torch.sin(theta)
         return (torch.sin(0.7 * theta) / s * a + torch.sin(0.3 * theta) / s * b).to(base.dtype)
 
-    def ties():
-        b = base.float().reshape(-1)
-        deltas = []
-        for x in xs:
-            d = x.float().reshape(-1) - b
-            k = int(DENSITY * d.numel())
-            thr = d.abs().kthvalue(d.numel() - k + 1).values
-            deltas.append(torch.where(d.abs() >= thr, d, 0.0))
-        wd = torch.stack([wi * d for wi, d in zip(w, deltas)])
+    b = base.float().reshape(-1)
+    n = b.numel()
+
+    def deltas():
+        return [x.float().reshape(-1) - b for x in xs]
+
+    def elect(kept, normalize=False):  # sign election; sum (or mean) of the agreeing deltas
+        wd = torch.stack([wi * d for wi, d in zip(w, kept)])
         sign = torch.where(wd.sum(0) >= 0, 1.0, -1.0)
         agree = wd.sign() == sign
         num = (wd * agree).sum(0)
+        if not normalize:
+            return (b + num).to(base.dtype)
         den = (torch.tensor(w, device=b.device).view(-1, 1) * agree).sum(0)
         return (b + torch.where(den != 0, num / den, num)).to(base.dtype)
 
+    def weighted_sum(kept):
+        return (b + sum(wi * d for wi, d in zip(w, kept))).to(base.dtype)
+
+    def top(d):
+        k = int(DENSITY * n)
+        thr = d.abs().kthvalue(n - k + 1).values
+        return torch.where(d.abs() >= thr, d, 0.0)
+
+    def dare(d):
+        kept = torch.where(torch.rand_like(d) < DENSITY, d, 0.0)
+        return kept * (d.abs().sum() / kept.abs().sum())
+
+    def crumbs(d):  # drop the top GAMMA fraction, keep the next DENSITY fraction
+        mag = d.abs()
+        drop, k = int(GAMMA * n), int(DENSITY * n)
+        hi = mag.kthvalue(n - drop).values
+        lo = mag.kthvalue(n - drop - k + 1).values
+        return torch.where((mag >= lo) & (mag <= hi), d, 0.0)
+
+    def ties():
+        return elect([top(d) for d in deltas()], normalize=True)
+
+    def dare_linear():
+        return weighted_sum([dare(d) for d in deltas()])
+
+    def dare_ties():
+        return elect([dare(d) for d in deltas()])
+
+    def breadcrumbs():
+        return weighted_sum([crumbs(d) for d in deltas()])
+
+    def breadcrumbs_ties():
+        return elect([crumbs(d) for d in deltas()])
+
     return {"linear": linear, "task_arithmetic": task_arithmetic, "slerp": slerp,
-            "ties": ties}.get(method)
+            "ties": ties, "dare_linear": dare_linear, "dare_ties": dare_ties,
+            "breadcrumbs": breadcrumbs, "breadcrumbs_ties": breadcrumbs_ties}.get(method)
 
 
 def mergekit_fn(method: str, base: torch.Tensor, xs: list[torch.Tensor]) -> Callable[[], object] | None:
