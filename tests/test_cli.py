@@ -272,3 +272,18 @@ def test_help_and_version_do_not_import_torch():
                          check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
     assert "bench" in out and "measure roofs" in out  # the command list still shows bench
+
+
+def test_model_card_states_the_merge_and_no_write_model_card_omits_it(tmp_path, family):
+    base, ft1, ft2 = family
+    cfg = _config(tmp_path, _ties(base, ft1, ft2))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "- Method: **ties**" in card and f"- Base model: `{base}`" in card
+    assert f"`{ft1}`" in card and f"`{ft2}`" in card
+    assert cfg.read_text() in card  # the YAML as the user wrote it
+    assert (tmp_path / "out" / "mergekit_config.yml").read_text() == cfg.read_text()
+    assert main(["merge", str(cfg), str(tmp_path / "plain"), "--quiet",
+                 "--no-write-model-card"]) == 0
+    assert not (tmp_path / "plain" / "README.md").exists()
+    assert (tmp_path / "plain" / "mergekit_config.yml").exists()
