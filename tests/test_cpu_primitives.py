@@ -837,3 +837,17 @@ def test_without_the_extension_the_reference_backend_serves_with_one_warning():
               same)
         """)
     assert _run_python(code, {"MERGECORE_BACKEND": ""}) == "1 RuntimeWarning True True"
+
+
+@pytest.mark.slow
+def test_whole_tensor_reductions_stay_exact_at_1_2e9_elements():
+    """The reductions behind slerp and DARE's rescale over 1.2e9 bf16 elements (the largest
+    tensor the kernels are specified for): constant inputs make every exact sum an integer
+    that float64 holds, while a plain fp32 accumulator would stop growing at 2**24."""
+    n = 1_200_000_000
+    a = torch.ones(n, dtype=torch.bfloat16)
+    b = torch.full((n,), 0.5, dtype=torch.bfloat16)
+    aa, bb, ab = cpu.slerp_reduce(a, b)
+    assert (aa, bb, ab) == (float(n), n / 4, n / 2)
+    l1, kept = cpu.masked_l1(b, a, KeepAll())  # d = a - b = 0.5 everywhere
+    assert (l1, kept) == (n / 2, n / 2)
