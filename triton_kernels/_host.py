@@ -142,6 +142,23 @@ def sum_partials(partial: torch.Tensor, prog_job: torch.Tensor, njobs: int,
     return sums.tolist()
 
 
+def reduce_launch(kernel, ref: torch.Tensor, rows: list, offsets: Sequence[int], *,
+                  width: int, block: int, warps: int, **constexprs) -> list[list[float]]:
+    """One launch of a whole-tensor reduction over the jobs ``rows`` (``rows[j][0]`` is job
+    j's element count; ``offsets`` its element offsets from ``ref``, for the alignment
+    flag): ``width`` fp32 partials per ``block``-element tile, summed per job in float64
+    (:func:`sum_partials`). The kernel takes ``(ref, jobs, prog_job, prog_tile, partial)``
+    and the constexprs MULTI, ALIGNED, BLOCK plus ``constexprs``."""
+    ntiles = [cdiv(r[0], block) for r in rows]
+    (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, ref.device)
+    grid = sum(ntiles)
+    partial = torch.empty((grid, width), dtype=torch.float32, device=ref.device)
+    kernel[(grid,)](ref, jobs_t, pj_t, pt_t, partial, MULTI=multi,
+                    ALIGNED=all_aligned([ref], offsets), BLOCK=block, **constexprs,
+                    **launch_options(warps))
+    return sum_partials(partial, pj_t, len(rows), multi)
+
+
 def launch_groups(items: Sequence, key, size=None):
     """The launches of one call: indices of ``items`` grouped by ``key(item)`` (a tuple whose
     first element is the items' ``torch.device``), less the items whose ``size(item)`` is 0,

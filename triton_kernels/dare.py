@@ -27,13 +27,9 @@ import triton.language as tl
 from triton_kernels import _config
 from triton_kernels._common import abs_key, job_and_tile, load_f32, load_offset
 from triton_kernels._host import (
-    all_aligned,
-    cdiv,
     launch_groups,
-    launch_options,
+    reduce_launch,
     rel_offset,
-    sum_partials,
-    upload_launch,
 )
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -202,8 +198,8 @@ def masked_l1_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, tuple]]) -> 
     results: list[tuple[float, float]] = [(0.0, 0.0)] * len(jobs)
     block = _config.L1_BLOCK
     width = 3 + MASK_FIELDS
-    for (device, _dtype), idx in launch_groups(jobs, lambda j: (j[0].device, j[0].dtype),
-                                               lambda j: j[0].numel()):
+    for _group, idx in launch_groups(jobs, lambda j: (j[0].device, j[0].dtype),
+                                     lambda j: j[0].numel()):
         ref = jobs[idx[0]][0]
         rows, offsets = [], []
         for i in idx:
@@ -214,15 +210,8 @@ def masked_l1_many(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, tuple]]) -> 
             rows.append([n, ob, ox] + mask_row(mask, n, f"masked_l1 job {i}"))
             offsets += [ob, ox]
         tops, random = launch_flags([r[3:] for r in rows])
-        ntiles = [cdiv(r[0], block) for r in rows]
-        (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
-        grid = sum(ntiles)
-        partial = torch.empty((grid, 2), dtype=torch.float32, device=device)
-        _l1_kernel[(grid,)](
-            ref, jobs_t, pj_t, pt_t, partial,
-            MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block, ROW=width,
-            TOPS=tops, RANDOM=random, **launch_options(_config.L1_WARPS),
-        )
-        for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
+        sums = reduce_launch(_l1_kernel, ref, rows, offsets, width=2, block=block,
+                             warps=_config.L1_WARPS, ROW=width, TOPS=tops, RANDOM=random)
+        for i, s in zip(idx, sums):
             results[i] = (s[0], s[1])
     return results

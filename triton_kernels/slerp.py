@@ -22,8 +22,8 @@ from triton_kernels._host import (
     f32_bits,
     launch_groups,
     launch_options,
+    reduce_launch,
     rel_offset,
-    sum_partials,
     upload_launch,
 )
 
@@ -94,8 +94,8 @@ def reduce_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tupl
     """``(sum a*a, sum b*b, sum a*b)`` for each pair of flat, equal-length tensors."""
     results: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(pairs)
     block = _config.REDUCE_BLOCK
-    for (device, _dtype), idx in launch_groups(pairs, lambda p: (p[0].device, p[0].dtype),
-                                               lambda p: p[0].numel()):
+    for _group, idx in launch_groups(pairs, lambda p: (p[0].device, p[0].dtype),
+                                     lambda p: p[0].numel()):
         ref = pairs[idx[0]][0]
         rows, offsets = [], []
         for i in idx:
@@ -104,16 +104,9 @@ def reduce_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tupl
             ob = rel_offset(b, ref, f"slerp_reduce pair {i} (b)")
             rows.append((a.numel(), oa, ob))
             offsets += [oa, ob]
-        ntiles = [cdiv(r[0], block) for r in rows]
-        (jobs_t,), pj_t, pt_t, multi = upload_launch([rows], ntiles, device)
-        grid = sum(ntiles)
-        partial = torch.empty((grid, 3), dtype=torch.float32, device=device)
-        _reduce_kernel[(grid,)](
-            ref, jobs_t, pj_t, pt_t, partial,
-            MULTI=multi, ALIGNED=all_aligned([ref], offsets), BLOCK=block,
-            **launch_options(_config.REDUCE_WARPS),
-        )
-        for i, s in zip(idx, sum_partials(partial, pj_t, len(idx), multi)):
+        sums = reduce_launch(_reduce_kernel, ref, rows, offsets, width=3, block=block,
+                             warps=_config.REDUCE_WARPS)
+        for i, s in zip(idx, sums):
             results[i] = (s[0], s[1], s[2])
     return results
 
