@@ -237,8 +237,9 @@ def _phrase(names: list[str], noun: str = "tensor") -> str:
 
 class _Planner:
     def __init__(self, config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
-                 out_dtype: str | None, allow_crimes: bool):
+                 out_dtype: str | None, allow_crimes: bool, report_parameters: bool = True):
         self.config = config
+        self.report_parameters = report_parameters  # False: the YAML check reports them
         self.method: MethodSpec = METHODS[config.merge_method]
         self.checkpoints = checkpoints
         self.allow_crimes = allow_crimes
@@ -373,6 +374,8 @@ class _Planner:
                                                     model=src.ref.ref))
                 per[spec.name] = values
         except ValueError as exc:  # MissingParameterError, ParameterValueError
+            if not self.report_parameters:
+                return None
             msg = str(exc)
             tensor_at = msg.rfind(" (tensor ")
             key = msg[:tensor_at] if tensor_at > 0 else msg
@@ -684,10 +687,29 @@ def build_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
     return planner.run(random_seed)
 
 
+def structure_problems(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
+                       allow_crimes: bool = False) -> list[str]:
+    """What ``build_plan`` finds wrong in the inputs' headers for ``config`` (shapes that
+    differ, missing tensors, layer counts, layer_range bounds, dtypes ...), for a config whose
+    YAML has problems of its own: parameters that cannot be resolved are not reported (the
+    YAML check does), and a config too broken to plan gives no problems rather than an
+    exception. Reads no tensor data."""
+    planner = _Planner(config, checkpoints, out_dtype=None, allow_crimes=allow_crimes,
+                       report_parameters=False)
+    try:
+        planner.run(None)
+    except ConfigError as exc:
+        return exc.problems
+    except Exception:  # noqa: BLE001 - half-checked config; its own problems are reported
+        return []
+    return []
+
+
 __all__ = [
     "MergePlan",
     "PlannedInput",
     "PlannedTensor",
     "build_plan",
     "distinct_input_bytes",
+    "structure_problems",
 ]

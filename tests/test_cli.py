@@ -113,6 +113,34 @@ def test_config_errors_are_all_listed_before_any_output(tmp_path, family, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_yaml_problems_and_header_problems_come_in_one_error(tmp_path, family, capsys):
+    """A typo in the YAML does not hide what the headers show (other shapes, a layer_range
+    past the end): one run lists both, still before any output exists."""
+    base, ft1, _ = family
+    other = make_family(tmp_path / "wide", n_models=1, hidden=96, layers=2)[0]
+    cfg = _config(tmp_path, {"merge_method": "ties", "base_model": base,
+                             "models": [{"model": ft1, "parameters": {"weight": 1.0,
+                                                                      "density": 0.5}},
+                                        {"model": str(other),
+                                         "parameters": {"weight": 1.0, "density": 0.5}}],
+                             "dtpye": "bfloat16"})
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "dtpye" in err, err
+    assert "shapes differ between the reference model" in err and "96" in err, err
+    assert not (tmp_path / "out").exists()
+
+    cfg = _config(tmp_path, {"merge_method": "slerp", "base_model": base,
+                             "slices": [{"sources": [{"model": base, "layer_range": [0, 3]},
+                                                     {"model": ft1, "layer_range": [0, 3]}]}],
+                             "parameters": {"t": 0.5}, "tokenizer_sorce": "base"})
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer_sorce" in err, err
+    assert "slices[0].sources[0].layer_range: [0, 3) is out of bounds" in err, err
+    assert "slices[0].sources[1].layer_range: [0, 3) is out of bounds" in err, err
+
+
 @pytest.mark.parametrize("flag,value", [("--max-memory", "0"), ("--max-memory", "-5"),
                                         ("--max-memory", "2XB"), ("--out-shard-size", "0"),
                                         ("--out-shard-size", "lots"), ("-j", "0"),

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from mergecore.config import ConfigError, load_merge, open_checkpoints, parse_config
+from mergecore.config import ConfigError, load_config, load_merge, open_checkpoints, parse_config
 from mergecore.config.layout import detect_layout, is_pre_layer_name, split_layer_name
 from mergecore.config.methods import METHODS, NON_BASE
 from mergecore.io.checkpoint import open_checkpoint
@@ -573,6 +573,45 @@ def test_shape_missing_tensor_and_layer_count_problems_all_reported(tmp_path):
         parameters: {{weight: 1}}
     """)
     assert has(probs, f"model '{short}'", "has 2 layers", "'model.layers'", "has 3")
+
+
+def test_yaml_problems_come_with_the_header_problems_of_every_plannable_document(tmp_path):
+    """A recipe whose first stage lacks a parameter and a tensor, and uses two models of
+    other layer counts: one ConfigError lists the YAML problem and the header problems
+    (load_config plans each document it can); the stage that uses stage1 is not planned,
+    and a document that lost a models entry to its own problems is not planned either (its
+    key paths would shift)."""
+    a = toy(tmp_path / "a", 1)
+    few = toy(tmp_path / "few", 2, drop=("lm_head.weight",))
+    short = toy(tmp_path / "short", 3, layers=2)
+    path = tmp_path / "recipe.yml"
+    path.write_text(y(f"""
+        name: stage1
+        merge_method: linear
+        models: [{{model: {a}}}, {{model: {few}}}]
+        ---
+        name: stage2
+        merge_method: linear
+        models: [{{model: {a}}}, {{model: {short}}}, {{modle: {few}}}]
+        parameters: {{weight: 1}}
+        ---
+        merge_method: linear
+        models: [{{model: stage1}}, {{model: {short}}}]
+        parameters: {{weight: 1}}
+    """))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    probs = info.value.problems
+    assert has(probs, "stage1", "missing required parameter 'weight'")
+    assert has(probs, f"model '{few}'", "lacks 1 tensor", "'lm_head.weight'")
+    assert has(probs, "stage2", "models[2]", "modle")
+    assert not has(probs, f"model '{short}'", "has 2 layers"), probs  # stage2 not planned
+    assert str(path) in str(info.value)
+    # without the YAML problems, planning finds the rest in the usual order
+    path.write_text(path.read_text().replace("modle", "model"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_inputs=False)
+    assert not has(info.value.problems, "lacks 1 tensor")
 
 
 def test_missing_tensors_are_summarised(tmp_path):

@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergecore.config.errors import ConfigError, Problems
-from mergecore.config.schema import ModelRef, load_config
+from mergecore.config.schema import (
+    MergeConfig,
+    ModelRef,
+    load_config,
+    model_strings,
+    parse_model_ref,
+    structure_is_complete,
+)
 
 if TYPE_CHECKING:
     from mergecore.io.types import Checkpoint
@@ -51,6 +58,40 @@ def open_checkpoints(models: Iterable[ModelRef],
     return out
 
 
+def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
+                   allow_crimes: bool = False) -> Problems:
+    """The problems of the inputs named by YAML documents that have problems of their own.
+
+    ``parsed`` is ``parse_documents_leniently``'s list of (YAML document, config). Opens the
+    headers of every model the documents name (stage names of a recipe excepted): missing
+    directories, pickle-only or malformed checkpoints, LoRA adapters that do not fit. Then
+    plans each document whose model list survived the check intact
+    (``structure_is_complete``) and whose models all opened, and adds what the planner finds
+    in the headers: shapes that differ, missing tensors, layer counts, layer_range bounds.
+    Parameter problems are left to the YAML check. Reads no tensor data.
+    """
+    from mergecore.plan import structure_problems
+
+    stages = {c.name for _, c in parsed if c is not None and c.name is not None}
+    refs: list[ModelRef] = []
+    for text_ref in dict.fromkeys(s for raw, _ in parsed for s in model_strings(raw)):
+        try:
+            ref = parse_model_ref(text_ref)
+        except ValueError:
+            continue  # the YAML's own problems already say so
+        if ref.path not in stages:
+            refs.append(ref)
+    problems = Problems()
+    checkpoints = open_checkpoints(refs, problems)
+    for raw, cfg in parsed:
+        if cfg is None or not structure_is_complete(raw, cfg):
+            continue
+        models = cfg.models_to_open()
+        if all(ref.path in checkpoints for ref in models):
+            problems.extend(structure_problems(cfg, checkpoints, allow_crimes=allow_crimes))
+    return problems
+
+
 def load_merge(config_path: str | os.PathLike, *, random_seed: int | None = None,
                allow_crimes: bool = False, out_dtype: str | None = None) -> MergePlan:
     """Parse ``config_path``, open every input's headers and build the plan.
@@ -62,7 +103,7 @@ def load_merge(config_path: str | os.PathLike, *, random_seed: int | None = None
     from mergecore.plan import build_plan
 
     source = os.fspath(config_path)
-    docs = load_config(config_path)
+    docs = load_config(config_path, allow_crimes=allow_crimes)
     if len(docs) > 1:
         names = ", ".join(d.name or "(final)" for d in docs)
         raise ConfigError([(f"multi-stage recipes ({len(docs)} documents: {names}) are not "

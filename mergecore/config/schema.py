@@ -620,6 +620,19 @@ def parse_documents(text: str, source: str | None = None) -> list[MergeConfig]:
     name) and the references between them (no cycles). Raises ``ConfigError`` listing every
     problem found, each with its document and key path.
     """
+    parsed, problems = parse_documents_leniently(text, source)
+    problems.raise_if_any(source)
+    return [c for _, c in parsed if c is not None]
+
+
+def parse_documents_leniently(text: str, source: str | None = None
+                              ) -> tuple[list[tuple[Any, MergeConfig | None]], Problems]:
+    """``parse_documents`` without raising for the documents' own problems.
+
+    Returns each YAML document next to the config read from it as far as it could be (None
+    where the document is not a mapping), and the problems found. Raises ``ConfigError`` only
+    when the text is not YAML at all.
+    """
     docs = _load_yaml_documents(text, source)
     problems = Problems()
     configs: list[MergeConfig | None] = []
@@ -631,8 +644,7 @@ def parse_documents(text: str, source: str | None = None) -> list[MergeConfig]:
         configs.append(_check_document(raw, label, problems))
     if len(docs) > 1:
         _check_stages([c for c in configs if c is not None], problems)
-    problems.raise_if_any(source)
-    return [c for c in configs if c is not None]
+    return list(zip(docs, configs)), problems
 
 
 def parse_config(text: str, source: str | None = None) -> MergeConfig:
@@ -644,8 +656,16 @@ def parse_config(text: str, source: str | None = None) -> MergeConfig:
     return docs[0]
 
 
-def load_config(path: str | os.PathLike) -> list[MergeConfig]:
-    """Read and parse a YAML file (one document or a multi-stage recipe)."""
+def load_config(path: str | os.PathLike, *, check_inputs: bool = True,
+                allow_crimes: bool = False) -> list[MergeConfig]:
+    """Read and parse a YAML file (one document or a multi-stage recipe).
+
+    When the YAML has problems of its own and ``check_inputs`` is true, the ``ConfigError``
+    also lists the problems of the models it names (``mergecore.config.load.input_problems``:
+    missing or malformed checkpoints, and the shape, tensor and layer-range problems of the
+    documents that can be planned; headers only), so one run shows every mistake instead of
+    the second kind only after the first is fixed. ``allow_crimes`` as in ``build_plan``.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -654,54 +674,51 @@ def load_config(path: str | os.PathLike) -> list[MergeConfig]:
                           source=str(p)) from None
     except UnicodeDecodeError:
         raise ConfigError(["the configuration file is not UTF-8 text"], source=str(p)) from None
-    try:
-        return parse_documents(text, source=str(p))
-    except ConfigError as exc:
-        raise with_model_problems(exc, text) from None
+    parsed, problems = parse_documents_leniently(text, source=str(p))
+    if problems and check_inputs:
+        from mergecore.config.load import input_problems
+
+        problems.extend(input_problems(parsed, allow_crimes=allow_crimes))
+    problems.raise_if_any(str(p))
+    return [c for _, c in parsed if c is not None]
 
 
 #: Keys whose string value names a model directory (mergekit's YAML and BlockMerge_Gradient's).
 MODEL_PATH_KEYS = ("model", "base_model", "model_path1", "model_path2")
 
 
-def _model_strings(node: Any):
+def model_strings(node: Any):
     """Every string under a MODEL_PATH_KEYS key of a parsed YAML document, in document order."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key in MODEL_PATH_KEYS and isinstance(value, str):
                 yield value
             else:
-                yield from _model_strings(value)
+                yield from model_strings(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _model_strings(value)
+            yield from model_strings(value)
 
 
-def with_model_problems(exc: ConfigError, text: str) -> ConfigError:
-    """``exc`` (problems found in the YAML) plus the problems of the model directories the
-    YAML names (missing, not safetensors, malformed headers; headers only), so that one error
-    lists both kinds instead of showing the second only after the first is fixed."""
-    from mergecore.config.load import open_checkpoints
-
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
-    except yaml.YAMLError:
-        return exc
-    stages = {d["name"] for d in docs if isinstance(d.get("name"), str)}
-    refs: list[ModelRef] = []
-    for text_ref in dict.fromkeys(s for d in docs for s in _model_strings(d)):
-        try:
-            ref = parse_model_ref(text_ref)
-        except ValueError:
-            continue  # the YAML's own problems already say so
-        if ref.path not in stages:
-            refs.append(ref)
-    problems = Problems()
-    open_checkpoints(refs, problems)
-    if not problems:
-        return exc
-    return ConfigError(exc.problems + [p for p in problems if p not in exc.problems],
-                       source=exc.source)
+def structure_is_complete(raw: Any, cfg: MergeConfig) -> bool:
+    """Whether ``cfg`` kept every model entry and slice source of its YAML document ``raw``
+    (so key paths such as ``slices[1].sources[0]`` mean the same in both) and every slice's
+    sources span one length: a config the planner can check although the document has
+    problems elsewhere (parameters, unknown keys ...)."""
+    if not isinstance(raw, dict) or cfg.merge_method not in METHODS or cfg.blockmerge is not None:
+        return False
+    if cfg.models is not None:
+        return isinstance(raw.get("models"), list) and len(raw["models"]) == len(cfg.models)
+    raw_slices = raw.get("slices")
+    if cfg.slices is None or not isinstance(raw_slices, list) or len(raw_slices) != len(cfg.slices):
+        return False
+    for raw_slice, sl in zip(raw_slices, cfg.slices):
+        raw_sources = raw_slice.get("sources") if isinstance(raw_slice, dict) else None
+        if not isinstance(raw_sources, list) or len(raw_sources) != len(sl.sources):
+            return False
+        if len({s.num_layers for s in sl.sources}) != 1:
+            return False
+    return True
 
 
 # ----- multi-stage recipes --------------------------------------------------------------------

@@ -415,7 +415,7 @@ def is_recipe(config_path: str | os.PathLike) -> bool:
     """True when the file holds several merge documents (a mergekit-multi recipe). A file
     that does not parse is left to the single-merge path, which reports its problems."""
     try:
-        return len(load_config(config_path)) > 1
+        return len(load_config(config_path, check_inputs=False)) > 1
     except ConfigError:
         return False
 
@@ -425,6 +425,6 @@ def load_recipe(config_path: str | os.PathLike, *, random_seed: int | None = Non
                 keep_intermediates: bool = False) -> RecipePlan:
     """Parse a recipe file, open every input's headers and plan it (``plan_recipe``)."""
     source = os.fspath(config_path)
-    return plan_recipe(load_config(config_path), source=source, random_seed=random_seed,
+    return plan_recipe(load_config(config_path, allow_crimes=allow_crimes), source=source, random_seed=random_seed,
                        allow_crimes=allow_crimes, out_dtype=out_dtype,
                        keep_intermediates=keep_intermediates)
