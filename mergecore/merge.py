@@ -99,12 +99,14 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
                  input_dirs: set[Path], tokenizer_source: Path | None,
                  lock: OutputLock | None = None,
                  config_path: str | os.PathLike | None = None,
-                 vocab_size: int | None = None) -> ResumeState:
+                 vocab_size: int | None = None,
+                 write_tokenizer: bool | None = None) -> ResumeState:
     """Every output-side problem at once (``OutputCheckError``): the directory (not being
     written by another merge: ``lock`` is taken when it exists; empty unless
     --overwrite/--resume; writable; none of ``input_dirs``), what ``--resume`` keeps (verified
     against the manifest, whose fingerprint must be ``fingerprint``), the free space, and
-    that the tokenizer to be copied uses no token id past the output's ``vocab_size`` rows."""
+    that the tokenizer to be copied (when ``write_tokenizer``; None: ``options.copy_tokenizer``)
+    uses no token id past the output's ``vocab_size`` rows."""
     if lock is not None and lock.busy():
         raise preflight.OutputCheckError(out_dir, [busy_message(out_dir)])
     problems = preflight.directory_problems(out_dir, overwrite=options.overwrite,
@@ -120,7 +122,9 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
         except ResumeError as exc:
             problems.append(str(exc))
     extra = 0
-    if options.copy_tokenizer and tokenizer_source is not None:
+    if write_tokenizer is None:
+        write_tokenizer = options.copy_tokenizer
+    if write_tokenizer and tokenizer_source is not None:
         extra = sum(f.stat().st_size for f in tokenizer_files(tokenizer_source) if f.is_file())
         problems += tokenizer_size_problems(tokenizer_source, vocab_size)
     problems += preflight.space_problems(out_dir, shards, overwrite=options.overwrite,
@@ -130,9 +134,23 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
     return state
 
 
-def template_warnings(plan, options: MergeOptions) -> list[str]:
-    """A chat template asked for where no tokenizer is written has no effect: say so."""
-    if plan.chat_template and not options.copy_tokenizer:
+def writes_tokenizer(plan, options: MergeOptions) -> bool:
+    """Whether the output of ``plan`` gets a tokenizer: with --copy-tokenizer (the default),
+    or when its YAML names a ``tokenizer_source``, which asks for one whatever the flag says
+    (as mergekit 0.1.5 does: it builds the tokenizer of a tokenizer_source and saves it)."""
+    return options.copy_tokenizer or plan.tokenizer_source is not None
+
+
+def tokenizer_warnings(plan, options: MergeOptions) -> list[str]:
+    """What --no-copy-tokenizer does not do for ``plan``: skip a tokenizer its YAML asks for,
+    or apply a chat template to a tokenizer that is not written."""
+    if options.copy_tokenizer:
+        return []
+    if plan.tokenizer_source is not None:
+        return [(f"--no-copy-tokenizer has no effect: the YAML's tokenizer_source "
+                f"({plan.tokenizer_source}) asks for a tokenizer, which is written as mergekit "
+                "does; leave tokenizer_source out to write none")]
+    if plan.chat_template:
         return ["chat_template is ignored: with --no-copy-tokenizer no tokenizer is written"]
     return []
 
@@ -352,7 +370,7 @@ def write_side_files(out_dir: Path, plan, options: MergeOptions, *, yaml_text: s
     from mergecore import output_files
 
     output_files.write_config_json(out_dir, plan.output_config)
-    if options.copy_tokenizer and tokenizer_source is not None:
+    if writes_tokenizer(plan, options) and tokenizer_source is not None:
         output_files.copy_tokenizer(out_dir, tokenizer_files(tokenizer_source))
         if plan.chat_template:
             dirs = template_dirs if template_dirs is not None else [
@@ -396,7 +414,7 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     except ConfigError as exc:
         raise with_output_problems(exc, out_dir, options) from None
     report_warnings(plan.warnings + budget_warnings(plan.tensors, options)
-                    + template_warnings(plan, options))
+                    + tokenizer_warnings(plan, options))
     if options.random_seed is None and plan.random_seed is not None:
         options.random_seed = plan.random_seed
     source = Path(plan.tokenizer_path) if plan.tokenizer_path else None
@@ -411,7 +429,8 @@ def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,
         state = check_output(out_dir, options, shards, fingerprint,
                              input_dirs=input_directories(plan.tensors),
                              tokenizer_source=source, lock=lock, config_path=config_path,
-                             vocab_size=config_vocab_size(plan.output_config))
+                             vocab_size=config_vocab_size(plan.output_config),
+                             write_tokenizer=writes_tokenizer(plan, options))
         if options.dry_run:
             return MergeResult(out_dir, [], PipelineStats(), plan)
         prepare_output(out_dir, options, shards, state, lock)

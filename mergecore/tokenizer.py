@@ -103,7 +103,8 @@ def tokenizer_size_problems(directory: str | os.PathLike, vocab_size: int | None
                f"model's embeddings have {vocab_size} rows (vocab_size): token ids {vocab_size}"
                f"..{count - 1} would index past them. Take the tokenizer from a model with at "
                f"most {vocab_size} tokens (tokenizer_source: base, or that model's path), or "
-               "pass --no-copy-tokenizer and supply a matching tokenizer yourself")
+               "leave tokenizer_source out, pass --no-copy-tokenizer and supply a matching "
+               "tokenizer yourself")
     return [message]
 
 

@@ -67,9 +67,14 @@ def test_tokenizer_larger_than_the_merged_vocabulary_is_refused_before_writing(
     assert f"the tokenizer of {ft1!r} has 258 tokens" in err
     assert "embeddings have 256 rows" in err and "token ids 256..257" in err
     assert not out.exists()
-    # without the tokenizer copy the same merge is fine; with the base's tokenizer too
+    # tokenizer_source asks for that tokenizer whatever the flag (as in mergekit): refused too
+    assert main(["merge", str(cfg), str(out), "--quiet", "--no-copy-tokenizer"]) == 1
+    assert "has 258 tokens" in capsys.readouterr().err and not out.exists()
+    # without a tokenizer_source, --no-copy-tokenizer writes none and the merge is fine
+    cfg = _write(tmp_path / "c1.yml", _linear([ft1, ft2, base]))
     assert main(["merge", str(cfg), str(out), "--quiet", "--no-copy-tokenizer"]) == 0
     assert not (out / "tokenizer.json").exists()
+    # ... and so is the base's tokenizer
     cfg = _write(tmp_path / "c2.yml", _linear([ft1, ft2, base], tokenizer_source="base",
                                                 base_model=base))
     assert main(["merge", str(cfg), str(tmp_path / "out2"), "--quiet"]) == 0
@@ -153,3 +158,25 @@ def test_chat_template_without_a_tokenizer_copy_is_a_warning(small_family, tmp_p
     cfg = _write(tmp_path / "c.yml", _linear([base, ft1], chat_template="chatml"))
     assert main(["merge", str(cfg), str(tmp_path / "out"), "--quiet", "--no-copy-tokenizer"]) == 0
     assert "chat_template is ignored: with --no-copy-tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["base", "ft1"])
+def test_a_tokenizer_source_writes_its_tokenizer_even_with_no_copy_tokenizer(
+        small_family, tmp_path, capsys, source):
+    """mergekit 0.1.5 builds and saves the tokenizer a tokenizer_source names whatever
+    --no-copy-tokenizer says; mergecore writes it too, and says the flag had no effect."""
+    from mergecore.testing.mergekit_harness import run_mergekit_yaml
+
+    base, ft1, _ = small_family
+    doc = _linear([base, ft1], base_model=base,
+                  tokenizer_source="base" if source == "base" else ft1)
+    cfg = _write(tmp_path / "c.yml", doc)
+    ours = tmp_path / "ours"
+    assert main(["merge", str(cfg), str(ours), "--quiet", "--no-copy-tokenizer"]) == 0
+    assert "--no-copy-tokenizer has no effect" in capsys.readouterr().err
+    theirs = run_mergekit_yaml(cfg, tmp_path / "theirs", extra_args=["--no-copy-tokenizer"])
+    for out in (ours, theirs):
+        assert (out / "tokenizer.json").is_file(), sorted(p.name for p in out.iterdir())
+    donor = Path(base if source == "base" else ft1)
+    assert tk.token_count(ours) == tk.token_count(donor) == tk.token_count(theirs)
+    assert verify_output(ours).ok

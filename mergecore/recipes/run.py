@@ -42,9 +42,10 @@ from mergecore.merge import (
     prepare_output,
     remaining_tensors,
     report_warnings,
-    template_warnings,
+    tokenizer_warnings,
     with_output_problems,
     write_side_files,
+    writes_tokenizer,
 )
 from mergecore.out_lock import OutputLock
 from mergecore.pipeline import MergePipeline, PipelineOptions, PipelineStats
@@ -134,7 +135,7 @@ def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
     except ConfigError as exc:
         raise with_output_problems(exc, out_dir, options) from None
     report_warnings(recipe.warnings + budget_warnings(recipe.tensors, options)
-                    + template_warnings(recipe.final.plan, options))
+                    + tokenizer_warnings(recipe.final.plan, options))
     by_name = {s.name: s for s in recipe.stages if s.name is not None}
     source = _tokenizer_dir(recipe.final, by_name)
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in recipe.final.plan.tensors]
@@ -158,7 +159,8 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
     state = check_output(out_dir, options, shards, fingerprint,
                          input_dirs=input_directories(recipe.tensors),
                          tokenizer_source=source, lock=lock, config_path=config_path,
-                         vocab_size=config_vocab_size(recipe.final.plan.output_config))
+                         vocab_size=config_vocab_size(recipe.final.plan.output_config),
+                         write_tokenizer=writes_tokenizer(recipe.final.plan, options))
     if options.dry_run:
         return MergeResult(out_dir, [], PipelineStats(), recipe)
     if options.num_threads:
