@@ -167,7 +167,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mergecore.verify import verify_output
 
-    report = verify_output(args.out_dir, checksums=args.checksums)
+    report = verify_output(args.out_dir, checksums=args.checksums, quiet=args.quiet)
     print(report.text(quiet=args.quiet))
     return 0 if report.ok else 1
 

@@ -118,7 +118,7 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
     state = ResumeState()
     if options.resume and not problems:
         try:
-            state = check_resume(out_dir, shards, fingerprint)
+            state = check_resume(out_dir, shards, fingerprint, quiet=options.quiet)
         except ResumeError as exc:
             problems.append(str(exc))
     extra = 0

@@ -21,16 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergecore.checksums import hash_files
 from mergecore.io.writer import MANIFEST_NAME, ShardPlan
 
 FINGERPRINT_KEY = "plan_fingerprint"
 FINGERPRINT_PARTS_KEY = "plan_fingerprint_parts"
-_HASH_CHUNK = 16 << 20
 
 
 class ResumeError(ValueError):
@@ -172,15 +171,6 @@ def _dir_stats(directory: str) -> list:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 (hex) of a whole file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     """The manifest of ``out_dir`` as a dict, None when there is none; ``ResumeError`` when it
     is not a readable mergecore manifest."""
@@ -218,9 +208,10 @@ class ResumeState:
         return "; ".join(parts)
 
 
-def check_resume(out_dir: Path, shards: ShardPlan, fingerprint: str | Fingerprint
-                 ) -> ResumeState:
-    """Decide what a resumed merge into ``out_dir`` keeps (reads and hashes completed shards).
+def check_resume(out_dir: Path, shards: ShardPlan, fingerprint: str | Fingerprint, *,
+                 quiet: bool = True) -> ResumeState:
+    """Decide what a resumed merge into ``out_dir`` keeps (reads and hashes completed shards,
+    with a progress bar on a terminal unless ``quiet``).
 
     Raises ``ResumeError`` when ``out_dir`` holds files but no mergecore manifest, or a
     manifest of another merge (different fingerprint).
@@ -263,12 +254,13 @@ def check_resume(out_dir: Path, shards: ShardPlan, fingerprint: str | Fingerprin
             state.completed[name] = None
         else:
             to_hash[name] = str(entry["sha256"])
-    # hashlib releases the GIL on large buffers: shards are hashed in parallel
-    with ThreadPoolExecutor(max(1, min(4, len(to_hash)))) as pool:
-        digests = dict(zip(to_hash, pool.map(file_sha256, (out_dir / n for n in to_hash))))
+    digests = dict(zip(to_hash, hash_files([out_dir / n for n in to_hash],
+                                           label="checking kept shards", quiet=quiet)))
     for name in sorted(to_hash, key=list(planned).index):
         if digests[name] == to_hash[name]:
             state.completed[name] = to_hash[name]
+        elif digests[name] is None:
+            state.redo[name] = "it cannot be read"
         else:
             state.redo[name] = "its sha256 differs from the manifest"
     return state

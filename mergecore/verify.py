@@ -30,11 +30,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergecore.checksums import hash_files
 from mergecore.config.layout import config_vocab_size
 from mergecore.io.errors import SafetensorsError
 from mergecore.io.safetensors_format import read_header
 from mergecore.io.writer import MANIFEST_NAME
-from mergecore.resume import ResumeError, file_sha256, read_manifest
+from mergecore.resume import ResumeError, read_manifest
 from mergecore.tokenizer import token_count
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -137,15 +138,8 @@ def _check_weights(out_dir: Path, report: VerifyReport) -> list[str]:
     return files
 
 
-def _sha256_or_none(path: Path) -> str | None:
-    try:
-        return file_sha256(path)
-    except OSError:
-        return None
-
-
 def _check_manifest(out_dir: Path, files: list[str], report: VerifyReport,
-                    checksums: bool) -> None:
+                    checksums: bool, quiet: bool = True) -> None:
     try:
         doc = read_manifest(out_dir)
     except ResumeError as exc:
@@ -159,6 +153,7 @@ def _check_manifest(out_dir: Path, files: list[str], report: VerifyReport,
     if set(entries) != set(files):
         report.failed(f"{MANIFEST_NAME} lists shards {sorted(map(str, entries))}, the "
                       f"weights use {files}")
+    to_hash: list[str] = []
     for name in sorted(set(entries) & set(files)):
         entry = entries[name]
         path = out_dir / name
@@ -175,7 +170,14 @@ def _check_manifest(out_dir: Path, files: list[str], report: VerifyReport,
             continue
         if entry.get("sha256") is None:
             report.note(f"{name}: no checksum recorded")
-        elif _sha256_or_none(path) != entry["sha256"]:
+        else:
+            to_hash.append(name)
+    digests = hash_files([out_dir / n for n in to_hash], label="verifying checksums",
+                         quiet=quiet)
+    for name, digest in zip(to_hash, digests):
+        if digest is None:
+            report.failed(f"{name}: cannot be read")
+        elif digest != entries[name]["sha256"]:
             report.failed(f"{name}: sha256 differs from the manifest (the file was changed "
                           "or corrupted)")
         else:
@@ -259,9 +261,11 @@ def _hint_if_interrupted(out_dir: Path, report: VerifyReport) -> None:
                 "interrupted; run the same `mergecore merge ... --resume` to finish it")
 
 
-def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True) -> VerifyReport:
+def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True,
+                  quiet: bool = True) -> VerifyReport:
     """Check a merged model directory (see the module docstring); never raises for a
-    problem in the output, reports it."""
+    problem in the output, reports it. Unless ``quiet``, hashing the shards shows a progress
+    bar on a terminal."""
     out_dir = Path(out_dir)
     report = VerifyReport(out_dir)
     if not out_dir.exists():
@@ -276,7 +280,7 @@ def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True) -> Veri
                       f"{', '.join(leftovers)} (finish it with mergecore merge ... --resume)")
     files = _check_weights(out_dir, report)
     if files:
-        _check_manifest(out_dir, files, report, checksums)
+        _check_manifest(out_dir, files, report, checksums, quiet)
     _check_config(out_dir, report)
     _check_tokenizer(out_dir, report)
     _hint_if_interrupted(out_dir, report)

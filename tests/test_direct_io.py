@@ -22,13 +22,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mergecore.buffer_pool import BufferPool
+from mergecore.checksums import file_sha256
 from mergecore.io import StreamingWriter, TensorReader, open_checkpoint, plan_shards
 from mergecore.io import direct as direct_io
 from mergecore.io import writer as writer_mod
 from mergecore.io.errors import SafetensorsError
 from mergecore.io.types import TORCH_TO_SAFETENSORS
 from mergecore.io.writer import MANIFEST_NAME
-from mergecore.resume import file_sha256
 
 try:
     from mergecore import _C  # type: ignore[attr-defined]

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergecore.checksums import file_sha256
 from mergecore.cli import main
 from mergecore.faults import ENV_VAR
 from mergecore.io.writer import MANIFEST_NAME
-from mergecore.resume import file_sha256
 from mergecore.units import parse_size
 from mergecore.verify import verify_output
 

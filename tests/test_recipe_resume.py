@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergecore.checksums import file_sha256
 from mergecore.cli import main
 from mergecore.faults import ENV_VAR
 from mergecore.io.writer import MANIFEST_NAME
-from mergecore.resume import file_sha256
 from mergecore.verify import verify_output
 
 SHARD_SIZE = "100K"  # five shards for this family

@@ -199,3 +199,56 @@ def test_config_check_without_transformers(copy, monkeypatch):
     assert report.ok and any("transformers is not installed" in m for _, m in report.lines)
     (copy / "config.json").write_text('{"hidden_size": 8}')
     assert verify_output(copy).problems == ["config.json: no model_type"]
+
+
+def _run_in_pty(args: list[str]) -> str:
+    """Run ``python -m mergecore *args`` with a pseudo-terminal as stdin/stdout/stderr and
+    return everything it printed (escape codes included)."""
+    import os
+    import subprocess
+
+    pty = pytest.importorskip("pty")
+    fcntl = pytest.importorskip("fcntl")
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    # a terminal 100 columns wide (a fresh pty has 0, where tqdm draws an empty bar)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {**os.environ, "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "mergecore", *args], stdin=slave,
+                            stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) in (0, 1)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_checksums_show_progress_on_a_terminal_and_not_with_quiet(merged):
+    """Hashing a large output takes minutes: on a terminal a bar says how far it is."""
+    shown = _run_in_pty(["verify", str(merged)])
+    assert "verifying checksums" in shown and "B/s" in shown, shown
+    assert ": OK" in shown
+    quiet = _run_in_pty(["verify", str(merged), "--quiet"])
+    assert "verifying checksums" not in quiet, quiet
+
+
+def test_hash_files_matches_hashlib_and_marks_unreadable_files(merged, tmp_path):
+    import hashlib
+
+    from mergecore.checksums import hash_files
+
+    files = sorted(merged.glob("*.safetensors"))
+    missing = tmp_path / "gone.safetensors"
+    digests = hash_files([*files, missing])
+    assert digests[:-1] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert digests[-1] is None
