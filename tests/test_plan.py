@@ -509,6 +509,14 @@ def test_int64_tensor_is_copied_from_the_base(tmp_path):
     """)
     assert has(probs, "model.embed_positions.position_ids", "floating point in some models",
                "I64", "F32")
+    d = toy(tmp_path / "d", 4, extra={"model.embed_positions.position_ids": pos.int()})
+    probs = plan_problems(f"""
+        merge_method: task_arithmetic
+        base_model: {b}
+        models: [{{model: {d}, parameters: {{weight: 1}}}}]
+    """)
+    assert has(probs, "tensor 'model.embed_positions.position_ids'", "dtypes differ",
+               f"'{d}': I32", f"'{b}': I64")
 
 
 def test_out_dtype_defaults_to_promoted_input_dtype(tmp_path):
