@@ -67,3 +67,41 @@ def select_tuning():
 
     yield setter
     cpu._C._select_tuning(*before)
+
+
+def _run_in_terminal(args: list[str], *, columns: int = 100, timeout: float = 120) -> str:
+    """Run ``python -m mergecore *args`` with a pseudo-terminal ``columns`` wide as its
+    stdin, stdout and stderr; returns everything it printed (escape codes included)."""
+    import struct
+    import subprocess
+    import sys
+
+    pty = pytest.importorskip("pty")
+    fcntl = pytest.importorskip("fcntl")
+    termios = pytest.importorskip("termios")
+
+    master, slave = pty.openpty()
+    # a fresh pty is 0 columns wide, where tqdm draws an empty bar
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "mergecore", *args], stdin=slave,
+                            stdout=slave, stderr=slave, env={**os.environ, "TERM": "xterm"},
+                            close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=timeout) in (0, 1)
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def run_in_terminal():
+    """``_run_in_terminal``: a mergecore command as it looks on a user's terminal."""
+    return _run_in_terminal

@@ -315,3 +315,16 @@ def test_model_card_states_the_merge_and_no_write_model_card_omits_it(tmp_path, 
                  "--no-write-model-card"]) == 0
     assert not (tmp_path / "plain" / "README.md").exists()
     assert (tmp_path / "plain" / "mergekit_config.yml").exists()
+
+
+def test_merge_progress_bar_on_a_terminal_only(tmp_path, family, run_in_terminal):
+    """On a terminal the merge shows a bar with bytes, GB/s and ETA; --quiet hides it; with
+    output to a pipe or file there are no bar redraws in the log."""
+    cfg = _config(tmp_path, _ties(*family))
+    shown = run_in_terminal(["merge", str(cfg), str(tmp_path / "a")])
+    assert "merging" in shown and "B/s" in shown and "100%" in shown, shown
+    quiet = run_in_terminal(["merge", str(cfg), str(tmp_path / "b"), "--quiet"])
+    assert "merging" not in quiet and "B/s" not in quiet, quiet
+    piped = subprocess.run([sys.executable, "-m", "mergecore", "merge", str(cfg),
+                            str(tmp_path / "c")], capture_output=True, text=True, check=True)
+    assert "\r" not in piped.stderr + piped.stdout and "merging:" not in piped.stderr

@@ -201,44 +201,12 @@ def test_config_check_without_transformers(copy, monkeypatch):
     assert verify_output(copy).problems == ["config.json: no model_type"]
 
 
-def _run_in_pty(args: list[str]) -> str:
-    """Run ``python -m mergecore *args`` with a pseudo-terminal as stdin/stdout/stderr and
-    return everything it printed (escape codes included)."""
-    import os
-    import subprocess
-
-    pty = pytest.importorskip("pty")
-    fcntl = pytest.importorskip("fcntl")
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    # a terminal 100 columns wide (a fresh pty has 0, where tqdm draws an empty bar)
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    env = {**os.environ, "TERM": "xterm"}
-    proc = subprocess.Popen([sys.executable, "-m", "mergecore", *args], stdin=slave,
-                            stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    assert proc.wait(timeout=120) in (0, 1)
-    return b"".join(chunks).decode(errors="replace")
-
-
-def test_checksums_show_progress_on_a_terminal_and_not_with_quiet(merged):
+def test_checksums_show_progress_on_a_terminal_and_not_with_quiet(merged, run_in_terminal):
     """Hashing a large output takes minutes: on a terminal a bar says how far it is."""
-    shown = _run_in_pty(["verify", str(merged)])
+    shown = run_in_terminal(["verify", str(merged)])
     assert "verifying checksums" in shown and "B/s" in shown, shown
     assert ": OK" in shown
-    quiet = _run_in_pty(["verify", str(merged), "--quiet"])
+    quiet = run_in_terminal(["verify", str(merged), "--quiet"])
     assert "verifying checksums" not in quiet, quiet
 
 
