@@ -200,6 +200,9 @@ def _cmd_mergekit_yaml(mergekit_args: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``mergecore`` command (``argv`` defaults to the process's arguments); returns
+    the exit status: 0 success, 1 a merge, config or check failure, 2 a usage error (from
+    argparse), 128 + N after signal N (130 for Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mergekit-yaml"]:  # every later argument is mergekit's, --help included
         return _cmd_mergekit_yaml(argv[1:])

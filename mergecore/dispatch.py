@@ -13,6 +13,7 @@ import importlib
 import os
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -52,7 +53,7 @@ def forced_backend() -> str | None:
     return name
 
 
-def load_backend(name: str):
+def load_backend(name: str) -> ModuleType | None:
     """Import a backend module, or None (with one warning) when it is not available."""
     if name not in _loaded:
         try:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergecore import faults, preflight
 from mergecore.config.errors import ConfigError
@@ -52,6 +54,12 @@ from mergecore.tokenizer import (
     write_chat_template,
 )
 
+if TYPE_CHECKING:
+    from mergecore.io.writer import ShardPlan
+    from mergecore.pipeline import WorkItem
+    from mergecore.plan import MergePlan, PlannedTensor
+    from mergecore.recipes.graph import RecipePlan
+
 
 @dataclass
 class MergeOptions:
@@ -80,7 +88,7 @@ class MergeResult:
     out_dir: Path
     files: list[Path]
     stats: PipelineStats
-    plan: object
+    plan: MergePlan | RecipePlan
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -95,7 +103,8 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str, *,
+def check_output(out_dir: Path, options: MergeOptions, shards: ShardPlan,
+                 fingerprint: str | Fingerprint, *,
                  input_dirs: set[Path], tokenizer_source: Path | None,
                  lock: OutputLock | None = None,
                  config_path: str | os.PathLike | None = None,
@@ -134,14 +143,14 @@ def check_output(out_dir: Path, options: MergeOptions, shards, fingerprint: str,
     return state
 
 
-def writes_tokenizer(plan, options: MergeOptions) -> bool:
+def writes_tokenizer(plan: MergePlan, options: MergeOptions) -> bool:
     """Whether the output of ``plan`` gets a tokenizer: with --copy-tokenizer (the default),
     or when its YAML names a ``tokenizer_source``, which asks for one whatever the flag says
     (as mergekit 0.1.5 does: it builds the tokenizer of a tokenizer_source and saves it)."""
     return options.copy_tokenizer or plan.tokenizer_source is not None
 
 
-def tokenizer_warnings(plan, options: MergeOptions) -> list[str]:
+def tokenizer_warnings(plan: MergePlan, options: MergeOptions) -> list[str]:
     """What --no-copy-tokenizer does not do for ``plan``: skip a tokenizer its YAML asks for,
     or apply a chat template to a tokenizer that is not written."""
     if options.copy_tokenizer:
@@ -163,7 +172,7 @@ def with_output_problems(exc: ConfigError, out_dir: Path, options: MergeOptions
     return ConfigError(exc.problems + extra, source=exc.source)
 
 
-def prepare_output(out_dir: Path, options: MergeOptions, shards, state: ResumeState,
+def prepare_output(out_dir: Path, options: MergeOptions, shards: ShardPlan, state: ResumeState,
                    lock: OutputLock | None = None) -> None:
     """Make ``out_dir`` ready for the writer: with --resume keep the verified shards (and say
     so), else an empty directory (--overwrite empties an existing one). ``lock`` is taken on a
@@ -179,13 +188,14 @@ def prepare_output(out_dir: Path, options: MergeOptions, shards, state: ResumeSt
         print(state.summary(len(shards.shards)), file=sys.stderr)
 
 
-def input_directories(tensors) -> set[Path]:
+def input_directories(tensors: Iterable[WorkItem]) -> set[Path]:
     """The directories of every input file of the planned ``tensors`` (the output directory
     may not be one of them)."""
     return {Path(i.info.file).parent for t in tensors for i in t.inputs}
 
 
-def remaining_tensors(tensors: list, shards, completed: dict[str, str | None]) -> list:
+def remaining_tensors(tensors: Sequence[WorkItem], shards: ShardPlan,
+                      completed: dict[str, str | None]) -> list[WorkItem]:
     """The work items whose output tensor is not in one of the ``completed`` shards."""
     if not completed:
         return list(tensors)
@@ -221,7 +231,7 @@ def report_warnings(warnings: list[str]) -> None:
         print(f"mergecore: warning: {line}", file=sys.stderr)
 
 
-def budget_warnings(tensors, options: MergeOptions) -> list[str]:
+def budget_warnings(tensors: Sequence[WorkItem], options: MergeOptions) -> list[str]:
     """A warning when ``--max-memory`` is below what one tensor needs: the pipeline then lets
     that tensor through alone, so the budget is exceeded (better said up front)."""
     if options.max_memory is None:
@@ -244,7 +254,7 @@ def budget_warnings(tensors, options: MergeOptions) -> list[str]:
              "and takes what it needs, beyond the budget")]
 
 
-def describe_plan(plan, options: MergeOptions, *, verbose: int = 0) -> str:
+def describe_plan(plan: MergePlan, options: MergeOptions, *, verbose: int = 0) -> str:
     """The plan as text: tensors, their inputs, shards, bytes to read and write."""
     from mergecore.units import human_bytes
 
@@ -276,7 +286,7 @@ def _param_text(params: dict) -> str:
                      for k, v in params.items() if v is not None)
 
 
-def _describe_call(t) -> str:
+def _describe_call(t: PlannedTensor) -> str:
     """One planned tensor as a call with its resolved parameters (after gradients, filters
     and precedence): ``ties[normalize=True](base:NAME, ft1:NAME{weight=1, density=0.5})``."""
     per_input = t.input_params or {}
@@ -291,7 +301,7 @@ def _describe_call(t) -> str:
     return f"{t.method}{f'[{params}]' if params else ''}({', '.join(parts)})"
 
 
-def describe_budget(plan, options: MergeOptions) -> str:
+def describe_budget(plan: MergePlan | RecipePlan, options: MergeOptions) -> str:
     """The memory budget the merge of ``plan`` would run with, and where it comes from."""
     from mergecore.lora.inputs import PlanAdapters
     from mergecore.pipeline import largest_held, run_budget
@@ -311,8 +321,9 @@ def describe_budget(plan, options: MergeOptions) -> str:
             f"{human_bytes(largest)} in flight")
 
 
-def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
-             tokenizer_source: Path | None = None, fingerprint: str | None = None,
+def run_plan(plan: MergePlan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
+             tokenizer_source: Path | None = None,
+             fingerprint: str | Fingerprint | None = None,
              resume: ResumeState | None = None) -> MergeResult:
     """Execute an already validated plan into ``out_dir`` (which must be prepared).
 
@@ -360,7 +371,7 @@ def run_plan(plan, out_dir: Path, options: MergeOptions, *, yaml_text: str = "",
     return MergeResult(out_dir, files, stats, plan)
 
 
-def write_side_files(out_dir: Path, plan, options: MergeOptions, *, yaml_text: str,
+def write_side_files(out_dir: Path, plan: MergePlan, options: MergeOptions, *, yaml_text: str,
                      tokenizer_source: Path | None,
                      template_dirs: list[Path] | None = None) -> None:
     """Everything of an output but the weights: config.json, the tokenizer (with the config's

@@ -64,6 +64,7 @@ class OutputLock:
 
 
 def busy_message(out_dir: str | os.PathLike) -> str:
+    """The error for an output directory another merge holds the lock of."""
     return (f"output directory {os.fspath(out_dir)!r} is being written by another mergecore "
             "merge right now; wait for it to finish or choose another directory")
 

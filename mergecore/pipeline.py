@@ -22,9 +22,9 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,13 @@ from mergecore.ops import make_job, merge_many
 from mergecore.plan import distinct_input_bytes
 from mergecore.transfer_timer import TransferTimer
 from mergecore.vocab_tail import join_tail, split_tail
+
+if TYPE_CHECKING:
+    from mergecore.plan import PlannedTensor
+    from mergecore.recipes.graph import FusedTensor
+
+    #: One output tensor of a run: planned (one merge) or fused (a recipe's stages).
+    WorkItem = PlannedTensor | FusedTensor
 
 _DONE = object()
 
@@ -86,7 +93,7 @@ class _Item:
     pooled: list[torch.Tensor] = field(default_factory=list)  # buffers taken from the pool
 
 
-def _item_bytes(planned) -> tuple[int, int]:
+def _item_bytes(planned: WorkItem) -> tuple[int, int]:
     if hasattr(planned, "byte_counts"):  # a fused multi-stage item (mergecore.recipes)
         return planned.byte_counts()
     in_bytes = distinct_input_bytes(planned.inputs)
@@ -96,7 +103,7 @@ def _item_bytes(planned) -> tuple[int, int]:
     return in_bytes, out_bytes
 
 
-def held_bytes(planned, adapters: PlanAdapters | None) -> tuple[int, int, int]:
+def held_bytes(planned: WorkItem, adapters: PlanAdapters | None) -> tuple[int, int, int]:
     """What one planned tensor holds of the budget while in flight: its distinct inputs, its
     output and its adapters' factors and working copies (bytes)."""
     in_bytes, out_bytes = _item_bytes(planned)
@@ -104,12 +111,13 @@ def held_bytes(planned, adapters: PlanAdapters | None) -> tuple[int, int, int]:
     return in_bytes, out_bytes, extra
 
 
-def largest_held(tensors, adapters: PlanAdapters | None) -> int:
+def largest_held(tensors: Sequence[WorkItem], adapters: PlanAdapters | None) -> int:
     """The most any one of ``tensors`` holds of the budget (``held_bytes``, summed)."""
     return max((sum(held_bytes(t, adapters)) for t in tensors), default=0)
 
 
-def run_budget(tensors, adapters: PlanAdapters | None, max_memory: int | None) -> int:
+def run_budget(tensors: Sequence[WorkItem], adapters: PlanAdapters | None,
+               max_memory: int | None) -> int:
     """The budget of a run over ``tensors``: ``max_memory``, or when None the automatic one
     (``budget.auto_budget`` of ``largest_held``)."""
     if max_memory is not None:

@@ -9,11 +9,15 @@ unchanged (rounded to the output dtype). ``split_tail`` cuts the inputs before t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from mergecore.plan import PlannedTensor
 
-def split_tail(planned, inputs: Sequence[torch.Tensor]
+
+def split_tail(planned: PlannedTensor, inputs: Sequence[torch.Tensor]
                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """``(inputs cut to the common rows, the rows to append)``; ``(inputs, None)`` when the
     tensor keeps no extra rows."""

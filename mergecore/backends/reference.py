@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mergecore import rng
+from mergecore.composed import NonFiniteCounts
 from mergecore.methods import (
     RESCALE_L1_EPS,
     MergeJob,
@@ -133,7 +134,8 @@ def _merge_one(job: MergeJob) -> torch.Tensor:
 
 
 def merge_jobs(
-    jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor] | None = None, counts=None
+    jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor] | None = None,
+    counts: list[NonFiniteCounts] | None = None
 ) -> list[torch.Tensor]:
     """Compute every job's output (float64 math, one rounding to ``job.out_dtype``).
 

@@ -74,6 +74,7 @@ METHODS = ("ties", "linear", "slerp", "task_arithmetic", "dare_linear", "dare_ti
 
 
 def family_dir(root: Path, shape: str, layers: int) -> Path:
+    """Where the generated family of ``shape`` with ``layers`` layers lives under ``root``."""
     return Path(root) / f"family-{preset_key(shape)}-{layers}L"
 
 
@@ -117,10 +118,12 @@ def ensure_family(root: Path, shape: str, layers: int) -> tuple[list[Path], floa
 
 
 def weight_files(dirs: list[Path]) -> list[Path]:
+    """Every safetensors file of the model directories ``dirs`` (the bytes a merge reads)."""
     return sorted(p for d in dirs for p in Path(d).glob("*.safetensors"))
 
 
 def write_config(work: Path, method: str, dirs: list[Path]) -> Path:
+    """Write the benchmark's YAML for ``method`` over ``dirs`` (base first) into ``work``."""
     cfg = merge_config(method, *(str(d) for d in dirs))
     path = work / f"bench-{method}.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -251,6 +254,7 @@ def run_command(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, 
 
 def mergecore_command(config: Path, out_dir: Path, device: str,
                       max_memory: int | None) -> list[str]:
+    """The ``mergecore merge`` command line the benchmark times (a fresh process)."""
     budget = [] if max_memory is None else ["--max-memory", str(max_memory)]
     return [sys.executable, "-m", "mergecore", "merge", str(config), str(out_dir), "--overwrite",
             "--quiet", *budget, "--device", device]
@@ -263,6 +267,7 @@ def mergekit_command(config: Path, out_dir: Path, device: str) -> list[str]:
 
 
 def mergekit_available() -> bool:
+    """Whether mergekit's CLI can be imported here (``--vs mergekit`` needs it)."""
     try:
         import mergekit.scripts.run_yaml  # noqa: F401
     except ImportError:

@@ -135,6 +135,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:
+    """Write ``result`` as indented JSON to ``path`` (parents created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path

@@ -38,12 +38,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mergecore.config.errors import ConfigError
 from mergecore.config.params import Conditional
+
+if TYPE_CHECKING:
+    from mergecore.config.schema import MergeConfig, _Checker
 
 KEYS = ("model_path1", "model_path2", "output_model_path", "max_shard_size", "operations",
         "out_dtype", "name")
@@ -143,7 +146,7 @@ def architecture_tensor_order(config: Mapping[str, Any] | None, where: str) -> l
                           f"transformers: {exc}") from None
 
 
-def resolve_blockmerge(config, checkpoints: Mapping[str, Any]):
+def resolve_blockmerge(config: MergeConfig, checkpoints: Mapping[str, Any]) -> MergeConfig:
     """The ``linear`` ``MergeConfig`` with per-tensor weights for a parsed BlockMerge
     document (``config.blockmerge`` set). ``checkpoints`` maps model paths (or references)
     to opened checkpoints; model 1's config.json gives the order, its tensors the names."""
@@ -218,7 +221,7 @@ def _operations(raw: Any, checker) -> tuple[BlockMergeOperation, ...]:
     return tuple(ops)
 
 
-def parse_blockmerge(raw: dict, checker):
+def parse_blockmerge(raw: dict, checker: _Checker) -> MergeConfig:
     """A checked ``MergeConfig`` (``linear`` of model 1 and model 2, ``blockmerge`` set) for
     a BlockMerge_Gradient document. ``checker`` is the schema's document checker (problems
     and warnings go to it). Reads no file."""

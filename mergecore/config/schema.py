@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -687,7 +688,7 @@ def load_config(path: str | os.PathLike, *, check_inputs: bool = True,
 MODEL_PATH_KEYS = ("model", "base_model", "model_path1", "model_path2")
 
 
-def model_strings(node: Any):
+def model_strings(node: Any) -> Iterator[str]:
     """Every string under a MODEL_PATH_KEYS key of a parsed YAML document, in document order."""
     if isinstance(node, dict):
         for key, value in node.items():

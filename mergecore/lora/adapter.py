@@ -35,6 +35,8 @@ from mergecore.lora.settings import AdapterConfigError, LoraSettings, read_setti
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from mergecore.io.types import Checkpoint
+
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -362,12 +364,12 @@ class LoraAdapter:
         self.close()
 
 
-def checkpoint_tensors(checkpoint) -> dict[str, tuple[tuple[int, ...], bool]]:
+def checkpoint_tensors(checkpoint: Checkpoint) -> dict[str, tuple[tuple[int, ...], bool]]:
     """``{name: (shape, is_float)}`` of an opened ``mergecore.io.Checkpoint``."""
     return {n: (i.shape, i.is_float) for n, i in checkpoint.tensors.items()}
 
 
-def adapter_problems(adapter_path: str | os.PathLike, checkpoint) -> list[str]:
+def adapter_problems(adapter_path: str | os.PathLike, checkpoint: Checkpoint) -> list[str]:
     """Every reason the adapter at ``adapter_path`` cannot be applied to ``checkpoint`` (an
     opened ``mergecore.io.Checkpoint``): missing files, a bad config, unsupported features,
     targets the model lacks, shapes that do not fit. Reads no tensor data."""

@@ -6,6 +6,11 @@
 - ``run``: the command (``run_recipe``), ``--keep-intermediates`` and ``--dry-run``.
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
 from mergecore.recipes.graph import (
     FusedTensor,
     RecipePlan,
@@ -17,8 +22,12 @@ from mergecore.recipes.graph import (
     plan_recipe,
 )
 
+if TYPE_CHECKING:
+    from mergecore.merge import MergeOptions, MergeResult
 
-def run_recipe(config_path, out_dir, options=None):
+
+def run_recipe(config_path: str | os.PathLike, out_dir: str | os.PathLike,
+               options: MergeOptions | None = None) -> MergeResult:
     """Run a recipe file into ``out_dir`` (see ``mergecore.recipes.run.run_recipe``)."""
     from mergecore.recipes.run import run_recipe as _run_recipe
 

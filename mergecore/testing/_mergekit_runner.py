@@ -35,6 +35,8 @@ def _command(name: str):
 
 
 def main(jobs_path: str, results_path: str) -> int:
+    """Run each mergekit job listed in ``jobs_path`` in this process; write each one's
+    outcome to ``results_path``."""
     with open(jobs_path, encoding="utf-8") as f:
         jobs = json.load(f)
     results = []

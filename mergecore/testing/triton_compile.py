@@ -313,6 +313,7 @@ def problems(results: list[Compiled]) -> list[str]:
 
 
 def table(results: list[Compiled]) -> str:
+    """The compile results as a text table (registers, spills, vector loads per kernel)."""
     width = max((len(r.label) for r in results), default=10)
     lines = [f"{'kernel specialization':<{width}}  arch  regs  stack  shared  ld128  st128  seconds"]
     for r in results:
@@ -340,6 +341,7 @@ def _record_in_subprocess(quick: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: compile the kernels for the given architectures and print the table."""
     parser = argparse.ArgumentParser(prog="python -m mergecore.testing.triton_compile",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append",
