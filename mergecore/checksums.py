@@ -68,18 +68,34 @@ def hash_files(paths: Sequence[Path], *, label: str = "checksums",
         except OSError:
             sizes.append(0)
     progress = _HashProgress(sum(sizes), label, quiet)
+    stop = threading.Event()  # set when the caller is interrupted: the workers quit early
+
+    def on_bytes(nbytes: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+        progress(nbytes)
 
     def one(path: Path) -> str | None:
         try:
-            return file_sha256(path, progress)
+            return file_sha256(path, on_bytes)
         except OSError:
             return None
 
+    pool = ThreadPoolExecutor(max(1, min(HASH_THREADS, len(paths))))
     try:
-        with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(paths)))) as pool:
-            return list(pool.map(one, paths))
+        digests = list(pool.map(one, paths))
+    except BaseException:  # Ctrl-C, SIGTERM: do not wait for every file to be hashed
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)  # each worker stops after one chunk
+        raise
     finally:
         progress.close()
+    pool.shutdown()
+    return digests
+
+
+class _Stopped(Exception):
+    """Raised inside a hashing worker once the caller has stopped waiting."""
 
 
 __all__ = ["HASH_CHUNK", "file_sha256", "hash_files"]
