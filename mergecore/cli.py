@@ -121,6 +121,7 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from mergecore.devices import check_device
     from mergecore.merge import MergeOptions, run_merge
 
     if not args.safe_serialization:
@@ -129,6 +130,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.num_threads:
         os.environ["MERGECORE_NUM_THREADS"] = str(args.num_threads)
     device = "cuda" if args.cuda else (args.device or "cpu")
+    if args.cuda:
+        check_device(device, flag="--cuda")  # the error names the flag the user typed
     options = MergeOptions(
         device=device,
         out_shard_size=args.out_shard_size,

@@ -134,6 +134,9 @@ def test_unusable_device_is_refused_before_the_output_is_emptied(tmp_path, small
     assert main(["merge", str(cfg), str(out), "--overwrite", "--quiet", *flag]) == 1
     err = capsys.readouterr().err
     assert _device_error(flag) in err and flag[-1].removeprefix("--") in err
+    assert err.startswith(f"mergecore: error: {' '.join(flag)}: "), err  # the flag as typed
+    if flag == ["--cuda"]:
+        assert "drop --cuda" in err and "--device" not in err
     assert _files(out) == {"earlier-result.txt": b"keep me"}
 
 
