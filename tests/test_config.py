@@ -600,3 +600,27 @@ def test_resolution_matches_mergekit_resolve_parameters(u):
                 got = resolve_parameter(p, [s.parameters, sl.parameters, ours.parameters],
                                         tensor_name=inputs[ref[s.model.ref]], u=u)
                 assert got == mk_per[ref[s.model.ref]][p.name], (p.name, s.model.ref)
+
+
+@pytest.mark.parametrize("text,complete", [
+    ("merge_method: linear\nmodels: [{model: a}, {model: b}]\n", True),
+    ("merge_method: linear\nmodels: [{model: a}, {modle: b}]\n", False),  # entry dropped
+    ("merge_method: linear\nmodels: [{model: a}, 7]\n", False),
+    ("merge_method: lineer\nmodels: [{model: a}, {model: b}]\n", False),  # unknown method
+    (("merge_method: slerp\nslices:\n  - sources: [{model: a, layer_range: [0, 2]},"
+     " {model: b, layer_range: [0, 2]}]\n"), True),
+    (("merge_method: slerp\nslices:\n  - sources: [{model: a, layer_range: [0, 2]},"
+     " {model: b, layer_range: [0, 3]}]\n"), False),  # spans differ
+    (("merge_method: slerp\nslices:\n  - sources: [{model: a, layer_range: [0, 2]},"
+     " {model: b}]\n"), False),  # a source without layer_range is dropped
+    ("merge_method: slerp\nslices:\n  - sources: {model: a}\n", False),
+    ("merge_method: slerp\nslices: [7]\n", False),
+    ("model_path1: a\nmodel_path2: b\noperations: []\n", False),  # BlockMerge: not planned
+])
+def test_structure_is_complete_only_when_every_model_entry_survived(text, complete):
+    """Which documents with problems of their own load_config still plans: key paths such as
+    slices[0].sources[1] must mean the same in the config as in the YAML."""
+    from mergecore.config.schema import parse_documents_leniently, structure_is_complete
+
+    [(raw, cfg)], _ = parse_documents_leniently(text)
+    assert (cfg is not None and structure_is_complete(raw, cfg)) is complete
