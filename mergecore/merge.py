@@ -365,10 +365,30 @@ def run_plan(plan: MergePlan, out_dir: Path, options: MergeOptions, *, yaml_text
                 writer.suspend()  # keep complete shards and the manifest for --resume
             else:
                 writer.abort()
+            remove_unfinished_side_files(out_dir, writer, tokenizer_source)
         raise
     finally:
         progress.close()
     return MergeResult(out_dir, files, stats, plan)
+
+
+def side_file_names(tokenizer_source: Path | None) -> list[str]:
+    """The names of every file ``write_side_files`` may write into an output directory."""
+    names = ["config.json", "README.md", "mergekit_config.yml", "chat_template.jinja"]
+    if tokenizer_source is not None:
+        names += [f.name for f in tokenizer_files(tokenizer_source)]
+    return list(dict.fromkeys(names))
+
+
+def remove_unfinished_side_files(out_dir: Path, writer: StreamingWriter,
+                                 tokenizer_source: Path | None) -> None:
+    """After a run stopped or failed: unless ``writer`` finalized the output, delete the side
+    files, so that what is left (the completed shards and the manifest) never looks like a
+    finished model; ``--resume`` writes them again."""
+    if not writer.finalized:
+        from mergecore import output_files
+
+        output_files.remove_side_files(out_dir, side_file_names(tokenizer_source))
 
 
 def write_side_files(out_dir: Path, plan: MergePlan, options: MergeOptions, *, yaml_text: str,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from mergecore.io.errors import OutputFileError
+from mergecore.io.writer import atomic_write_bytes
 
 MODEL_CARD_TEMPLATE = """---
 base_model:
@@ -38,19 +42,31 @@ from the configuration below.
 """
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary name, removed on any failure
+    (``mergecore.io.writer.atomic_write_bytes``): never a truncated file under ``path``."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=True)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through the temporary ``.NAME.partial`` (removed on any failure
+    or interruption); an OS error is an ``OutputFileError`` naming both files."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputFileError):
+            raise OutputFileError(exc.errno or errno.EIO, f"copying {str(src)!r} to "
+                                  f"{str(dst)!r} failed: {exc.strerror or exc}") from exc
+        raise
 
 
 def write_config_json(out_dir: Path, config: dict[str, Any] | None) -> None:
     """The output model's config.json (already updated by the planner)."""
     if config is not None:
-        _atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_model_card(out_dir: Path, *, method: str, base_model: str | None,
@@ -70,12 +86,12 @@ def write_model_card(out_dir: Path, *, method: str, base_model: str | None,
         dtype=dtype,
         yaml=yaml_text.strip(),
     )
-    _atomic_write_text(out_dir / "README.md", text)
+    atomic_write_text(out_dir / "README.md", text)
 
 
 def write_config_yaml(out_dir: Path, yaml_text: str) -> None:
     """The merge configuration as given, saved like mergekit does."""
-    _atomic_write_text(out_dir / "mergekit_config.yml", yaml_text)
+    atomic_write_text(out_dir / "mergekit_config.yml", yaml_text)
 
 
 def copy_tokenizer(out_dir: Path, files: Iterable[Path]) -> list[str]:
@@ -84,6 +100,16 @@ def copy_tokenizer(out_dir: Path, files: Iterable[Path]) -> list[str]:
     for src in files:
         src = Path(src)
         if src.is_file():
-            shutil.copyfile(src, out_dir / src.name)
+            _copy_atomic(src, out_dir / src.name)
             copied.append(src.name)
     return copied
+
+
+def remove_side_files(out_dir: Path, names: Iterable[str]) -> None:
+    """Delete the side files ``names`` from ``out_dir`` (those present), after a run that
+    stopped before its output was complete: only its shards and manifest stay."""
+    for name in names:
+        try:
+            (out_dir / name).unlink(missing_ok=True)
+        except OSError:
+            pass

@@ -267,14 +267,15 @@ def check_resume(out_dir: Path, shards: ShardPlan, fingerprint: str | Fingerprin
 
 
 def prepare_resume_dir(out_dir: Path, shards: ShardPlan, state: ResumeState) -> None:
-    """Remove what a resumed run rewrites: temporary files, shards to redo and, unless every
-    shard is kept, the index (so the directory never looks complete while it is not)."""
+    """Remove what a resumed run rewrites: temporary files, shards to redo and the index,
+    also when every shard is kept (the run writes the side files again and the index last,
+    so the directory never looks complete while it is not, even if stopped meanwhile)."""
     for p in out_dir.glob(".*.partial"):
         p.unlink(missing_ok=True)
     for spec in shards.shards:
         if spec.filename not in state.completed:
             (out_dir / spec.filename).unlink(missing_ok=True)
-    if shards.index_filename and len(state.completed) < len(shards.shards):
+    if shards.index_filename:
         (out_dir / shards.index_filename).unlink(missing_ok=True)
 
 

@@ -154,12 +154,13 @@ def write_chat_template(out_dir: str | os.PathLike, template: str) -> None:
     """Give the tokenizer in ``out_dir`` the chat template ``template``: ``chat_template.jinja``
     (what transformers reads first) and ``tokenizer_config.json``'s ``chat_template`` (what
     older versions read), replacing what the copied tokenizer had."""
+    from mergecore.output_files import atomic_write_text
+
     out = Path(out_dir)
-    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    atomic_write_text(out / "chat_template.jinja", template)
     (out / "chat_template.json").unlink(missing_ok=True)
     config_path = out / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.exists() else None
     config = config if isinstance(config, dict) else {}
     config["chat_template"] = template
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                           encoding="utf-8")
+    atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

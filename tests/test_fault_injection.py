@@ -237,3 +237,79 @@ def test_lora_input_disk_full_then_resume(small_family, tmp_path, monkeypatch):
     assert main(_args(config, out) + ["--resume"]) == 1
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     _resume_and_compare(config, out, clean)
+
+
+def _fail_on_rename_to(monkeypatch, target: str, fault: BaseException) -> None:
+    """``os.replace`` onto a file named ``target`` raises ``fault`` (its temporary file has
+    been written in full: a stop or a full disk right before the rename)."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == target:
+            raise fault
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _fail_copying(monkeypatch, target: str, fault: BaseException) -> None:
+    """Copying a file named ``target`` writes half of it, then raises ``fault``."""
+    import shutil
+
+    real = shutil.copyfile
+
+    def copyfile(src, dst, *args, **kwargs):
+        if Path(src).name == target:
+            Path(dst).write_bytes(Path(src).read_bytes()[: Path(src).stat().st_size // 2])
+            raise fault
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+
+
+ENOSPC_ERROR = OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize(("inject", "target", "fault", "status"), [
+    (_fail_copying, "tokenizer.json", ENOSPC_ERROR, 1),
+    (_fail_copying, "tokenizer_config.json", KeyboardInterrupt(), 130),
+    (_fail_on_rename_to, "config.json", KeyboardInterrupt(), 130),
+    (_fail_on_rename_to, "README.md", ENOSPC_ERROR, 1),
+    (_fail_on_rename_to, "model.safetensors.index.json", KeyboardInterrupt(), 130),
+    (_fail_on_rename_to, "model.safetensors.index.json", ENOSPC_ERROR, 1),
+], ids=["tokenizer-enospc", "tokenizer-sigint", "config-sigint", "card-enospc",
+        "index-sigint", "index-enospc"])
+def test_a_stop_while_the_side_files_are_written_keeps_only_the_shards(
+        setup, tmp_path, monkeypatch, capsys, inject, target, fault, status):
+    """A full disk or Ctrl-C after the last shard, while config.json, the tokenizer, the
+    card or the index are written: no truncated file under a final name, no temporary file,
+    nothing but the completed shards and the manifest; --resume then finishes the output."""
+    config, clean = setup
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        inject(patch, target, fault)
+        assert main(_args(config, out)) == status
+    err = capsys.readouterr().err
+    assert "5 of 5 output shards are complete" in err
+    manifest = _assert_nothing_looks_complete(out)
+    kept = {e["file"] for e in manifest["shards"]} | {MANIFEST_NAME}
+    assert {p.name for p in out.iterdir()} == kept
+    _resume_and_compare(config, out, clean)
+
+
+def test_a_stop_while_the_chat_template_is_written_keeps_only_the_shards(
+        setup, tmp_path, monkeypatch):
+    """The config's chat template is written into the copied tokenizer through temporary
+    names too: a full disk there leaves nothing but the shards and the manifest."""
+    config, _ = setup
+    cfg = yaml.safe_load(config.read_text())
+    cfg["chat_template"] = "chatml"
+    templated = tmp_path / "c.yml"
+    templated.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _fail_on_rename_to(patch, "chat_template.jinja", ENOSPC_ERROR)
+        assert main(_args(templated, out)) == 1
+    manifest = _assert_nothing_looks_complete(out)
+    assert {p.name for p in out.iterdir()} == {e["file"] for e in manifest["shards"]} | {
+        MANIFEST_NAME}

@@ -181,7 +181,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes, fsync: bool) -> None:
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool) -> None:
+    """Write ``data`` to ``path`` through the temporary ``.NAME.partial``, renamed into place
+    when complete. On any failure or interruption (ENOSPC, Ctrl-C) the temporary file is
+    removed; an OS error is raised as ``OutputFileError`` naming ``path``."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
         with open(tmp, "wb") as fh:
@@ -190,13 +193,16 @@ def _atomic_write_bytes(path: Path, data: bytes, fsync: bool) -> None:
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except OSError:
             pass
-        raise OutputFileError(exc.errno or errno_mod.EIO,
-                              f"writing {str(path)!r} failed: {exc.strerror or exc}") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, OutputFileError):
+            raise OutputFileError(exc.errno or errno_mod.EIO,
+                                  f"writing {str(path)!r} failed: {exc.strerror or exc}"
+                                  ) from exc
+        raise
     if fsync:
         _fsync_dir(path.parent)
 
@@ -515,7 +521,7 @@ class StreamingWriter:
                     for s in self.shards
                 ],
             }
-            _atomic_write_bytes(self.manifest_path,
+            atomic_write_bytes(self.manifest_path,
                                 (json.dumps(doc, indent=2) + "\n").encode(), self.fsync)
 
     @property
@@ -622,15 +628,16 @@ class StreamingWriter:
             self._state = "finalized"
         if self.plan.index_filename is not None:
             text = json.dumps(self.plan.index_json(self.index_metadata), indent=2) + "\n"
+            self._index_written = True  # it may exist from here on: abort/suspend remove it
             try:
-                _atomic_write_bytes(self.out_dir / self.plan.index_filename, text.encode(),
-                                    self.fsync)
-            except OutputFileError as exc:
+                atomic_write_bytes(self.out_dir / self.plan.index_filename, text.encode(),
+                                   self.fsync)
+            except BaseException as exc:  # a full disk, or Ctrl-C while it is written
                 with self._lock:
                     self._state = "open"
-                self._stop_after_error(exc)
+                if isinstance(exc, OutputFileError):
+                    self._stop_after_error(exc)
                 raise
-            self._index_written = True
         self._shutdown_finisher()
         return self._final_files()
 
@@ -656,16 +663,25 @@ class StreamingWriter:
         self._shutdown_finisher()  # a shard being renamed right now is then deleted below
         for shard in self.shards:
             shard.discard()
+        self._remove_index()
         paths = [self.manifest_path, self.manifest_path.with_name(
             f".{self.manifest_path.name}.partial") if self.manifest_path else None]
-        if self._index_written and self.plan.index_filename is not None:
-            paths.append(self.out_dir / self.plan.index_filename)
         for p in paths:
             if p is not None:
                 try:
                     p.unlink()
                 except FileNotFoundError:
                     pass
+
+    @property
+    def finalized(self) -> bool:
+        """Whether ``finalize()`` completed: every shard and the index are in place."""
+        return self._state == "finalized"
+
+    def _remove_index(self) -> None:
+        """Delete the index if this writer began writing it (a stopped output has none)."""
+        if self._index_written and self.plan.index_filename is not None:
+            (self.out_dir / self.plan.index_filename).unlink(missing_ok=True)
 
     def _stop_after_error(self, exc: BaseException) -> None:
         if self.keep_complete_on_os_error and isinstance(exc, OSError):
@@ -686,6 +702,7 @@ class StreamingWriter:
         for shard in self.shards:
             if not shard.done:
                 shard.discard()
+        self._remove_index()
         try:
             self._write_manifest()
         except OutputFileError:
@@ -727,6 +744,7 @@ __all__ = [
     "ShardSpec",
     "ShardWriter",
     "StreamingWriter",
+    "atomic_write_bytes",
     "plan_shards",
     "shard_filename",
     "write_checkpoint",

@@ -41,6 +41,7 @@ from mergecore.merge import (
     input_directories,
     prepare_output,
     remaining_tensors,
+    remove_unfinished_side_files,
     report_warnings,
     tokenizer_warnings,
     with_output_problems,
@@ -196,13 +197,16 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
                              template_dirs=sorted(input_directories(recipe.tensors)))
             files = final.finalize()
     except BaseException as exc:
-        for w in writers.values():  # no-op once finalized
-            w.abort()
+        for s in inter:
+            writers[s.title].abort()  # no-op once finalized
+            remove_unfinished_side_files(keep / s.title, writers[s.title],
+                                         _tokenizer_dir(s, by_name))
         if final is not None:
             if keeps_progress(exc) and not writers:
                 final.suspend()  # keep complete shards and the manifest for --resume
             else:
                 final.abort()
+            remove_unfinished_side_files(out_dir, final, source)
         raise
     finally:
         progress.close()
