@@ -235,6 +235,18 @@ def _phrase(names: list[str], noun: str = "tensor") -> str:
     return f"{noun}{'s' if len(names) > 1 else ''} {_listing(names)}"
 
 
+def promoted_dtype(infos: list[TensorInfo]) -> str | None:
+    """The safetensors code of the inputs' promoted dtype (torch's rules); None when torch
+    has none (float8 next to another float dtype)."""
+    dt = infos[0].torch_dtype
+    try:
+        for info in infos[1:]:
+            dt = torch.promote_types(dt, info.torch_dtype)
+    except RuntimeError:
+        return None
+    return TORCH_TO_SAFETENSORS[dt]
+
+
 class _Planner:
     def __init__(self, config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
                  out_dtype: str | None, allow_crimes: bool, report_parameters: bool = True):
@@ -492,10 +504,13 @@ class _Planner:
         if self.out_dtype_name is not None:
             out_code = DTYPE_CODES[self.out_dtype_name]
         else:
-            dt = infos[0].torch_dtype
-            for info in infos[1:]:
-                dt = torch.promote_types(dt, info.torch_dtype)
-            out_code = TORCH_TO_SAFETENSORS[dt]
+            out_code = promoted_dtype(infos)
+            if out_code is None:
+                desc = ", ".join(f"{w!r}: {i.dtype}" for w, i in zip(who, infos))
+                self.problems.add(f"tensor {out_name!r}", f"dtypes {desc} have no common "
+                                  "output dtype (float8 promotes only to itself); set "
+                                  "dtype or out_dtype")
+                return
         inputs = [PlannedInput(s.ref.ref, info, s.ref.adapter,
                                rows if rows is not None and info.shape[0] > rows
                                and k != tail_from else None)

@@ -195,6 +195,40 @@ def test_malformed_configs_are_named_and_write_nothing(tmp_path, small_family, c
     assert not (tmp_path / "out").exists()
 
 
+def _retype(model_dir: str, dtypes: dict[str, object]) -> None:
+    """Rewrite ``model_dir``'s weights with the named tensors converted to other dtypes."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(model_dir) / "model.safetensors"
+    state = load_file(path)
+    for name, dtype in dtypes.items():
+        state[name] = state[name].to(dtype)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_float8_next_to_other_float_dtypes_is_a_named_problem(tmp_path, small_family, capsys):
+    """A float8 input where the other models hold bf16 has no promoted output dtype: every
+    such tensor is a problem naming it and the models' dtypes, all listed before anything
+    is read (it was torch's unnamed promotion error), and ``dtype:`` resolves it."""
+    import torch
+
+    base, ft1, ft2 = small_family
+    odd = _copy_model(ft2, tmp_path / "ft2")
+    _retype(odd, {"model.norm.weight": torch.float8_e4m3fn,
+                  "model.layers.1.mlp.up_proj.weight": torch.float8_e5m2})
+    cfg = _ties(base, ft1, odd)
+    path = _write(tmp_path / "c.yml", cfg)
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    for name, code in (("model.norm.weight", "F8_E4M3"),
+                       ("model.layers.1.mlp.up_proj.weight", "F8_E5M2")):
+        assert f"tensor {name!r}" in err and f"{odd!r}: {code}" in err
+    assert "dtype" in err and "Promotion" not in err
+    assert not (tmp_path / "out").exists()
+    cfg["dtype"] = "bfloat16"
+    assert main(["merge", str(_write(path, cfg)), str(tmp_path / "out"), "--quiet"]) == 0
+
+
 # ----- truncated and corrupted inputs ------------------------------------------------------------
 
 
