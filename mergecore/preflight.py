@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mergecore.io.checkpoint import TOKENIZER_FILE_NAMES, TOKENIZER_GLOBS
 from mergecore.io.safetensors_format import header_bytes
-from mergecore.io.writer import MANIFEST_NAME, ShardPlan
+from mergecore.io.writer import DEFAULT_METADATA, MANIFEST_NAME, ShardPlan
 from mergecore.units import human_bytes
 
 #: The files a merge output (mergecore's or mergekit's) consists of. ``--overwrite`` empties a
@@ -140,8 +140,9 @@ def input_overlap_problems(out_dir: Path, input_dirs: Iterable[str | os.PathLike
 
 
 def shard_file_bytes(shards: ShardPlan) -> dict[str, int]:
-    """Exact size on disk of every planned shard file (header + data)."""
-    return {spec.filename: len(header_bytes(spec.entries)[0]) + spec.data_bytes
+    """Exact size on disk of every planned shard file (header + data; the header holds the
+    ``__metadata__`` the streaming writer puts in every shard)."""
+    return {spec.filename: len(header_bytes(spec.entries, DEFAULT_METADATA)[0]) + spec.data_bytes
             for spec in shards.shards}
 
 

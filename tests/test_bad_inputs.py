@@ -168,6 +168,20 @@ def test_not_enough_disk_space_is_found_before_reading(tmp_path, small_family):
     assert proc.stdout.strip().splitlines()[-1] == "RC=1"  # nothing was created in the mount
 
 
+def test_the_space_check_counts_the_exact_size_of_every_shard_file(tmp_path, small_family):
+    """The free-space check's shard sizes (headers included) are those of the files the
+    merge then writes, byte for byte."""
+    from mergecore.preflight import shard_file_bytes
+
+    cfg = _write(tmp_path / "c.yml", _ties(*small_family))
+    plan = load_merge(cfg)
+    shards = plan_shards([(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors], 100_000)
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--quiet", "--out-shard-size", "100000"]) == 0
+    assert shard_file_bytes(shards) == {name: (out / name).stat().st_size
+                                        for name in shards.weight_map.values()}
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("merge_method: ties\nmodels: [ {model: a\n", "yaml"),
     ({"merge_method": "tiez"}, "tiez"),
