@@ -501,22 +501,17 @@ def test_int64_tensor_is_copied_from_the_base(tmp_path):
     assert [i.model for i in t.inputs] == [str(b)] and t.shape == (1, 12)
     assert plan.tensors[0].name in ("model.embed_tokens.weight",
                                     "model.embed_positions.position_ids")
-    c = toy(tmp_path / "c", 3, extra={"model.embed_positions.position_ids": pos.float()})
-    probs = plan_problems(f"""
-        merge_method: task_arithmetic
-        base_model: {b}
-        models: [{{model: {c}, parameters: {{weight: 1}}}}]
-    """)
-    assert has(probs, "model.embed_positions.position_ids", "floating point in some models",
-               "I64", "F32")
-    d = toy(tmp_path / "d", 4, extra={"model.embed_positions.position_ids": pos.int()})
-    probs = plan_problems(f"""
-        merge_method: task_arithmetic
-        base_model: {b}
-        models: [{{model: {d}, parameters: {{weight: 1}}}}]
-    """)
-    assert has(probs, "tensor 'model.embed_positions.position_ids'", "dtypes differ",
-               f"'{d}': I32", f"'{b}': I64")
+    # a float tensor in one model, or another integer dtype: a problem naming both dtypes
+    for seed, other, expected in ((3, pos.float(), ("floating point in some models", "F32")),
+                                  (4, pos.int(), ("dtypes differ", "I32"))):
+        c = toy(tmp_path / f"c{seed}", seed, extra={"model.embed_positions.position_ids": other})
+        probs = plan_problems(f"""
+            merge_method: task_arithmetic
+            base_model: {b}
+            models: [{{model: {c}, parameters: {{weight: 1}}}}]
+        """)
+        assert has(probs, "tensor 'model.embed_positions.position_ids'", *expected,
+                   f"'{b}': I64"), probs
 
 
 def test_out_dtype_defaults_to_promoted_input_dtype(tmp_path):
