@@ -356,9 +356,9 @@ def run_plan(plan: MergePlan, out_dir: Path, options: MergeOptions, *, yaml_text
             writer = StreamingWriter(out_dir, shards, manifest_extra=extra, completed=completed,
                                      keep_complete_on_os_error=True)
             stats = MergePipeline(work, reader, faults.wrap_writer(writer), pipe_options).run()
-            write_side_files(out_dir, plan, options, yaml_text=yaml_text,
-                             tokenizer_source=tokenizer_source)
-            files = writer.finalize()
+            side_files = write_side_files(out_dir, plan, options, yaml_text=yaml_text,
+                                          tokenizer_source=tokenizer_source)
+            files = writer.finalize(side_files)
     except BaseException as exc:
         if writer is not None:  # no-op once finalized
             if keeps_progress(exc):
@@ -393,24 +393,30 @@ def remove_unfinished_side_files(out_dir: Path, writer: StreamingWriter,
 
 def write_side_files(out_dir: Path, plan: MergePlan, options: MergeOptions, *, yaml_text: str,
                      tokenizer_source: Path | None,
-                     template_dirs: list[Path] | None = None) -> None:
+                     template_dirs: list[Path] | None = None) -> list[str]:
     """Everything of an output but the weights: config.json, the tokenizer (with the config's
     chat template; ``auto`` picks among ``template_dirs``, by default the plan's models), the
     YAML and the model card (written before the writer is finalized, so the index still
-    comes last)."""
+    comes last). Returns the names of the files written, for the manifest."""
     from mergecore import output_files
 
-    output_files.write_config_json(out_dir, plan.output_config)
+    written: list[str] = []
+    if plan.output_config is not None:
+        output_files.write_config_json(out_dir, plan.output_config)
+        written.append("config.json")
     if writes_tokenizer(plan, options) and tokenizer_source is not None:
-        output_files.copy_tokenizer(out_dir, tokenizer_files(tokenizer_source))
+        written += output_files.copy_tokenizer(out_dir, tokenizer_files(tokenizer_source))
         if plan.chat_template:
             dirs = template_dirs if template_dirs is not None else [
                 Path(split_model_ref(m)[0]) for m in plan.models]
             template = resolve_chat_template(plan.chat_template, dirs)
             if template:
-                write_chat_template(out_dir, template)
+                write_chat_template(out_dir, template)  # replaces any chat_template.json
+                written = [n for n in written if n != "chat_template.json"]
+                written += ["chat_template.jinja", "tokenizer_config.json"]
     if yaml_text:
         output_files.write_config_yaml(out_dir, yaml_text)
+        written.append("mergekit_config.yml")
         if options.write_model_card:
             out_dtypes = sorted({t.out_dtype for t in plan.tensors})
             output_files.write_model_card(
@@ -418,6 +424,8 @@ def write_side_files(out_dir: Path, plan: MergePlan, options: MergeOptions, *, y
                 models=plan.models, yaml_text=yaml_text,
                 dtype=", ".join(dtype_name(SAFETENSORS_DTYPES[d][0]) for d in out_dtypes),
             )
+            written.append("README.md")
+    return list(dict.fromkeys(written))
 
 
 def run_merge(config_path: str | os.PathLike, out_dir: str | os.PathLike,

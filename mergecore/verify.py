@@ -9,7 +9,14 @@ Checks, each reported as one line:
   map names and every tensor of a shard is in the map, and ``metadata.total_size`` is the
   sum of the tensors' sizes; without an index, ``model.safetensors`` alone;
 - the manifest (when the output was written by mergecore): it lists the same shard files,
-  marks them all complete, and each file's size and sha256 equal the recorded ones;
+  marks them all complete, and each file's size and sha256 equal the recorded ones; the
+  side files it records (config.json, the tokenizer files, the chat template, the YAML, the
+  model card) and the index are present with the recorded sha256, so an edited config or a
+  damaged tokenizer.json is found (manifests of mergecore versions that recorded no side
+  files: a note says they were not checked);
+- no weights file the output does not use (a ``*.safetensors`` or ``*.bin`` that the index
+  does not name: a loader may pick it up); other files the merge did not write are listed
+  in a note;
 - ``config.json`` is read by ``transformers.AutoConfig`` (when transformers is not
   installed: it is valid JSON with a ``model_type``, and a note says it was not loaded);
 - the tokenizer, when there is one whose size its files state (``mergecore.tokenizer``),
@@ -29,8 +36,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mergecore.checksums import hash_files
+from mergecore.checksums import file_sha256, hash_files
 from mergecore.config.layout import config_vocab_size
 from mergecore.io.errors import SafetensorsError
 from mergecore.io.safetensors_format import read_header
@@ -40,6 +48,7 @@ from mergecore.tokenizer import token_count
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
 @dataclass
@@ -138,16 +147,19 @@ def _check_weights(out_dir: Path, report: VerifyReport) -> list[str]:
     return files
 
 
-def _check_manifest(out_dir: Path, files: list[str], report: VerifyReport,
-                    checksums: bool, quiet: bool = True) -> None:
+def _read_manifest(out_dir: Path, report: VerifyReport) -> dict[str, Any] | None:
     try:
         doc = read_manifest(out_dir)
     except ResumeError as exc:
         report.failed(str(exc))
-        return
+        return None
     if doc is None:
         report.note(f"no {MANIFEST_NAME} (not written by mergecore): checksums not checked")
-        return
+    return doc
+
+
+def _check_manifest(out_dir: Path, doc: dict[str, Any], files: list[str],
+                    report: VerifyReport, checksums: bool, quiet: bool = True) -> None:
     entries = {e["file"]: e for e in doc["shards"]
                if isinstance(e, dict) and isinstance(e.get("file"), str)}
     if set(entries) != set(files):
@@ -182,6 +194,83 @@ def _check_manifest(out_dir: Path, files: list[str], report: VerifyReport,
                           "or corrupted)")
         else:
             report.passed(f"{name}: sha256 matches the manifest")
+
+
+def _recorded_side_files(doc: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """``{name: record}`` of the side files the manifest records; None when it records none
+    (no manifest, or one written before mergecore recorded them)."""
+    if doc is None or not isinstance(doc.get("side_files"), list):
+        return None
+    return {e["file"]: e for e in doc["side_files"]
+            if isinstance(e, dict) and isinstance(e.get("file"), str)}
+
+
+def _check_side_files(out_dir: Path, doc: dict[str, Any], report: VerifyReport,
+                      checksums: bool) -> None:
+    """Every side file the manifest records (config.json, tokenizer, card, YAML) and the
+    index: present, and of the recorded size and sha256."""
+    recorded = _recorded_side_files(doc)
+    if recorded is None:
+        report.note(f"{MANIFEST_NAME} records no side files (written by an older mergecore): "
+                    "config.json, the tokenizer and the index not checked against it")
+        return
+    index, index_sha = doc.get("index"), doc.get("index_sha256")
+    if checksums and isinstance(index, str) and isinstance(index_sha, str) \
+            and (out_dir / index).is_file():
+        if file_sha256(out_dir / index) != index_sha:
+            report.failed(f"{index}: sha256 differs from the manifest (the file was changed "
+                          "after the merge)")
+        else:
+            report.passed(f"{index}: sha256 matches the manifest")
+    good = []
+    for name, entry in sorted(recorded.items()):
+        path = out_dir / name
+        if os.sep in name or not path.is_file():
+            if name != "config.json":  # _check_config reports a missing config.json
+                report.failed(f"{name}: written by the merge, but missing")
+            continue
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            report.failed(f"{name}: {size} bytes, the manifest records {entry.get('bytes')} "
+                          "(the file was changed after the merge)")
+            continue
+        if checksums:
+            try:
+                digest = file_sha256(path)
+            except OSError as exc:
+                report.failed(f"{name}: cannot be read ({exc.strerror or exc})")
+                continue
+            if digest != entry.get("sha256"):
+                report.failed(f"{name}: sha256 differs from the manifest (the file was "
+                              "changed after the merge)")
+                continue
+        good.append(name)
+    if good:
+        what = "sha256 and size match" if checksums else "sizes match"
+        report.passed(f"side files: {what} the manifest ({', '.join(good)})")
+
+
+def _check_unknown_files(out_dir: Path, files: list[str], doc: dict[str, Any] | None,
+                         report: VerifyReport) -> None:
+    """Files in ``out_dir`` that the merge did not write. A weights file (``*.safetensors``,
+    ``*.bin`` ...) that the index does not name is a problem: tools that look for weights by
+    name or pattern may load it (transformers prefers a ``model.safetensors`` to an index).
+    Other files are listed in a note when the manifest records the side files."""
+    known = set(files) | {INDEX_NAME, MANIFEST_NAME}
+    recorded = _recorded_side_files(doc)
+    if recorded is not None:
+        known |= set(recorded)
+    unknown = sorted(p.name for p in out_dir.iterdir()
+                     if p.name not in known and not p.name.endswith(".partial"))
+    weights = [n for n in unknown if n.endswith(WEIGHT_SUFFIXES)]
+    for name in weights:
+        report.failed(f"{name}: a weights file that is not part of this output (the index "
+                      "does not name it); a loader may pick it up: remove it")
+    others = [n for n in unknown if n not in weights]
+    if others and recorded is not None:
+        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8
+                                         else "")
+        report.note(f"not written by the merge: {shown}")
 
 
 def _check_config(out_dir: Path, report: VerifyReport) -> None:
@@ -279,8 +368,12 @@ def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True,
         report.failed(f"temporary files of an unfinished merge are present: "
                       f"{', '.join(leftovers)} (finish it with mergecore merge ... --resume)")
     files = _check_weights(out_dir, report)
+    doc = _read_manifest(out_dir, report) if files else None
+    if doc is not None:
+        _check_manifest(out_dir, doc, files, report, checksums, quiet)
+        _check_side_files(out_dir, doc, report, checksums)
     if files:
-        _check_manifest(out_dir, files, report, checksums, quiet)
+        _check_unknown_files(out_dir, files, doc, report)
     _check_config(out_dir, report)
     _check_tokenizer(out_dir, report)
     _hint_if_interrupted(out_dir, report)

@@ -227,6 +227,28 @@ def test_manifest_tracks_completed_shards(tmp_path):
         [MANIFEST_NAME] + [f.name for f in files])
 
 
+def test_finalize_records_side_files_and_the_index_before_the_index_is_written(tmp_path):
+    tensors = {f"w{i}": torch.randn(25) for i in range(4)}
+    writer = StreamingWriter(tmp_path, plan_shards(_entries(tensors), 200))
+    for name, t in tensors.items():
+        writer.write(name, t)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(OutputFileError, match="gone.json"):
+        writer.finalize(["config.json", "gone.json"])
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+
+    writer = StreamingWriter(tmp_path, plan_shards(_entries(tensors), 200))
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.finalize(["config.json", "config.json"])
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["side_files"] == [
+        {"file": "config.json", "bytes": 23,
+         "sha256": hashlib.sha256(b'{"model_type": "llama"}').hexdigest()}]
+    index = (tmp_path / "model.safetensors.index.json").read_bytes()
+    assert manifest["index_sha256"] == hashlib.sha256(index).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------
 # abort and errors
 # ------------------------------------------------------------------------------------------------

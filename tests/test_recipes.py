@@ -25,6 +25,7 @@ from mergecore.testing.mergekit_harness import (
     load_state,
     run_mergekit_multi_batch,
 )
+from mergecore.verify import verify_output
 
 LAYERS = 4
 DTYPES = {"dtype": "float32", "out_dtype": "bfloat16"}
@@ -192,7 +193,10 @@ def test_kept_intermediates_equal_the_stage_outputs(runs, key):
         assert all(torch.equal(kept[t], alone[t]) for t in alone), name
         assert (json.loads((r["work"] / "kept" / name / "config.json").read_text())
                 == json.loads((path / "config.json").read_text()))
+        report = verify_output(r["work"] / "kept" / name)  # side files recorded there too
+        assert report.ok and any("side files:" in m for _, m in report.lines), report.text()
     assert not (r["work"] / "kept" / "final").exists()
+    assert verify_output(r["work"] / "fused").ok
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,10 @@ def copy(merged, tmp_path) -> Path:
 def test_a_merged_output_verifies(merged, capsys):
     assert main(["verify", str(merged)]) == 0
     text = capsys.readouterr().out
-    assert text.count("sha256 matches the manifest") == 3
+    assert text.count("sha256 matches the manifest") == 4  # 3 shards and the index
+    assert ("side files: sha256 and size match the manifest (README.md, config.json, "
+            "generation_config.json, mergekit_config.yml, tokenizer.json, "
+            "tokenizer_config.json)") in text
     assert "read by transformers (LlamaConfig)" in text and text.rstrip().endswith(": OK")
 
 
@@ -84,6 +87,76 @@ def test_index_errors_are_found(copy):
     assert any("metadata.total_size" in p for p in problems)
 
 
+def test_the_manifest_records_every_file_the_merge_wrote(merged):
+    """Each file of the output is a shard, the index, the manifest or a recorded side file,
+    recorded with its real size and sha256."""
+    import hashlib
+
+    doc = json.loads((merged / MANIFEST_NAME).read_text())
+    recorded = {e["file"]: e for e in doc["side_files"]}
+    shards = {e["file"] for e in doc["shards"]}
+    on_disk = {p.name for p in merged.iterdir()}
+    assert on_disk == shards | set(recorded) | {INDEX, MANIFEST_NAME}
+    for name, entry in recorded.items():
+        data = (merged / name).read_bytes()
+        assert entry["bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert doc["index_sha256"] == hashlib.sha256((merged / INDEX).read_bytes()).hexdigest()
+
+
+def test_edited_or_damaged_side_files_are_found(copy, capsys):
+    """A valid but edited config.json passes transformers; the manifest still tells."""
+    config = json.loads((copy / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (copy / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok = bytearray((copy / "tokenizer.json").read_bytes())
+    tok[len(tok) // 2] ^= 0x20  # same size, other bytes
+    (copy / "tokenizer.json").write_bytes(bytes(tok))
+    (copy / "README.md").unlink()
+    index = json.loads((copy / INDEX).read_text())
+    (copy / INDEX).write_text(json.dumps(index))  # same content, other bytes
+    assert main(["verify", str(copy), "-q"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL  config.json: sha256 differs from the manifest" in text \
+        or "FAIL  config.json: " in text and "bytes, the manifest records" in text
+    assert "FAIL  tokenizer.json: sha256 differs from the manifest" in text
+    assert "FAIL  README.md: written by the merge, but missing" in text
+    assert f"FAIL  {INDEX}: sha256 differs from the manifest" in text
+    assert text.rstrip().endswith(": 4 problems")
+    # without checksums only sizes count: the same-size tokenizer change is not seen
+    problems = verify_output(copy, checksums=False).problems
+    assert not any(p.startswith("tokenizer.json") for p in problems)
+    assert any(p.startswith("README.md") for p in problems)
+
+
+@pytest.mark.parametrize("stray", ["model-00004-of-00003.safetensors", "model.safetensors",
+                                   "pytorch_model.bin"])
+def test_a_weights_file_the_index_does_not_name_fails(copy, stray):
+    shutil.copyfile(copy / SHARD2, copy / stray)
+    problems = verify_output(copy).problems
+    assert problems == [(f"{stray}: a weights file that is not part of this output (the index "
+                        "does not name it); a loader may pick it up: remove it")]
+
+
+def test_other_files_the_merge_did_not_write_are_noted(copy):
+    (copy / "notes.txt").write_text("mine")
+    (copy / ".gitattributes").write_text("*.safetensors filter=lfs")
+    report = verify_output(copy)
+    assert report.ok
+    assert ("note", "not written by the merge: .gitattributes, notes.txt") in report.lines
+
+
+def test_a_manifest_without_side_file_records_is_noted(copy):
+    """Outputs of mergecore versions that did not record side files still verify."""
+    doc = json.loads((copy / MANIFEST_NAME).read_text())
+    del doc["side_files"], doc["index_sha256"]
+    (copy / MANIFEST_NAME).write_text(json.dumps(doc))
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
+    report = verify_output(copy)
+    assert report.ok
+    assert any(kind == "note" and "records no side files" in m for kind, m in report.lines)
+
+
 def test_missing_shard_and_leftover_temporary_file(copy):
     (copy / SHARD2).rename(copy / f".{SHARD2}.partial")
     problems = verify_output(copy).problems
@@ -98,7 +171,11 @@ def test_config_json_must_load_in_transformers(copy, content):
     else:
         (copy / "config.json").write_text(content)
     problems = verify_output(copy).problems
-    assert len(problems) == 1 and problems[0].startswith("config.json")
+    assert problems and all(p.startswith("config.json") for p in problems), problems
+    assert any("transformers cannot read it" in p or "is missing" in p for p in problems)
+    if content is not None:  # a changed file also differs from the manifest's record
+        assert "config.json: sha256 differs" in "\n".join(problems) or any(
+            "bytes, the manifest records" in p for p in problems)
 
 
 def test_output_without_manifest_is_checked_without_checksums(copy, capsys):
@@ -159,11 +236,13 @@ def test_hint_for_shards_done_but_index_missing_and_none_for_finished_output(cop
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-2, 1 << 40) | st.text(max_size=40)
-    | st.sampled_from([SHARD2, "model-00001-of-00003.safetensors", "../x", "done", "sha256"]),
+    | st.sampled_from([SHARD2, "model-00001-of-00003.safetensors", "../x", "done", "sha256",
+                       "config.json", INDEX, ""]),
     lambda inner: st.lists(inner, max_size=4)
     | st.dictionaries(st.sampled_from(["file", "done", "bytes", "sha256", "shards", "format",
                                        "weight_map", "metadata", "total_size",
-                                       "plan_fingerprint"]), inner, max_size=5),
+                                       "plan_fingerprint", "side_files", "index",
+                                       "index_sha256"]), inner, max_size=5),
     max_leaves=20)
 
 
@@ -199,7 +278,7 @@ def test_config_check_without_transformers(copy, monkeypatch):
     report = verify_output(copy)
     assert report.ok and any("transformers is not installed" in m for _, m in report.lines)
     (copy / "config.json").write_text('{"hidden_size": 8}')
-    assert verify_output(copy).problems == ["config.json: no model_type"]
+    assert verify_output(copy).problems[-1] == "config.json: no model_type"
 
 
 def test_checksums_show_progress_on_a_terminal_and_not_with_quiet(merged, run_in_terminal):

@@ -461,6 +461,8 @@ class StreamingWriter:
         self._index_written = False
         self._finisher: ThreadPoolExecutor | None = None
         self._finishing: list[Future] = []
+        self._side_files: list[dict[str, Any]] | None = None
+        self._index_sha256: str | None = None
 
         for spec in plan.shards:
             header, offsets = header_bytes(spec.entries, self.metadata)
@@ -521,6 +523,9 @@ class StreamingWriter:
                     for s in self.shards
                 ],
             }
+            if self._side_files is not None:
+                doc["index_sha256"] = self._index_sha256
+                doc["side_files"] = self._side_files
             atomic_write_bytes(self.manifest_path,
                                 (json.dumps(doc, indent=2) + "\n").encode(), self.fsync)
 
@@ -606,10 +611,14 @@ class StreamingWriter:
                     self._finisher = ThreadPoolExecutor(1, thread_name_prefix="mergecore-shard")
                 self._finishing.append(self._finisher.submit(self._finish, shard))
 
-    def finalize(self) -> list[Path]:
+    def finalize(self, side_files: Iterable[str] = ()) -> list[Path]:
         """Check that every planned tensor was written, then write the index (last).
 
-        Returns the paths of the files written (shards, then the index). Idempotent.
+        ``side_files``: names of the other files of the output already in ``out_dir``
+        (config.json, the tokenizer ...); their sizes and sha256, and the index's sha256, are
+        recorded in the manifest just before the index is written, so that ``mergecore
+        verify`` can check every file of the output. Returns the paths of the files written
+        (shards, then the index). Idempotent.
         """
         if self._state == "open":
             self.wait()
@@ -626,12 +635,22 @@ class StreamingWriter:
                                        f"{len(missing)} planned tensors were never written: "
                                        f"{shown}{more}")
             self._state = "finalized"
+        index = None
         if self.plan.index_filename is not None:
-            text = json.dumps(self.plan.index_json(self.index_metadata), indent=2) + "\n"
+            index = (json.dumps(self.plan.index_json(self.index_metadata), indent=2)
+                     + "\n").encode()
+        try:
+            self._record_side_files(side_files, index)
+        except BaseException as exc:
+            with self._lock:
+                self._state = "open"
+            if isinstance(exc, OutputFileError):
+                self._stop_after_error(exc)
+            raise
+        if index is not None:
             self._index_written = True  # it may exist from here on: abort/suspend remove it
             try:
-                atomic_write_bytes(self.out_dir / self.plan.index_filename, text.encode(),
-                                   self.fsync)
+                atomic_write_bytes(self.out_dir / self.plan.index_filename, index, self.fsync)
             except BaseException as exc:  # a full disk, or Ctrl-C while it is written
                 with self._lock:
                     self._state = "open"
@@ -640,6 +659,26 @@ class StreamingWriter:
                 raise
         self._shutdown_finisher()
         return self._final_files()
+
+    def _record_side_files(self, names: Iterable[str], index: bytes | None) -> None:
+        """Put ``names``' sizes and sha256 and the index's sha256 in the manifest."""
+        if self.manifest_path is None:
+            return
+        from mergecore.checksums import file_sha256
+
+        records = []
+        for name in dict.fromkeys(names):
+            path = self.out_dir / name
+            try:
+                records.append({"file": name, "bytes": path.stat().st_size,
+                                "sha256": file_sha256(path)})
+            except OSError as exc:
+                raise OutputFileError(exc.errno or errno_mod.EIO, f"cannot read the output "
+                                      f"file {str(path)!r} to record its checksum: "
+                                      f"{exc.strerror or exc}") from exc
+        self._side_files = records
+        self._index_sha256 = hashlib.sha256(index).hexdigest() if index is not None else None
+        self._write_manifest()
 
     def _shutdown_finisher(self) -> None:
         with self._lock:
@@ -703,6 +742,7 @@ class StreamingWriter:
             if not shard.done:
                 shard.discard()
         self._remove_index()
+        self._side_files = None  # the caller removes them: a resumed run writes them again
         try:
             self._write_manifest()
         except OutputFileError:

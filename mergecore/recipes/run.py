@@ -188,14 +188,14 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
             router = RoutingWriter(faults.wrap_writer(final), writers)
             stats = MergePipeline(work, reader, router, pipe_options).run()
             for s in inter:
-                write_side_files(keep / s.title, s.plan, options,
-                                 yaml_text=yaml.safe_dump(docs[s.index], sort_keys=False),
-                                 tokenizer_source=_tokenizer_dir(s, by_name))
-                writers[s.title].finalize()
-            write_side_files(out_dir, recipe.final.plan, options, yaml_text=text,
-                             tokenizer_source=source,
-                             template_dirs=sorted(input_directories(recipe.tensors)))
-            files = final.finalize()
+                names = write_side_files(keep / s.title, s.plan, options,
+                                         yaml_text=yaml.safe_dump(docs[s.index], sort_keys=False),
+                                         tokenizer_source=_tokenizer_dir(s, by_name))
+                writers[s.title].finalize(names)
+            names = write_side_files(out_dir, recipe.final.plan, options, yaml_text=text,
+                                     tokenizer_source=source,
+                                     template_dirs=sorted(input_directories(recipe.tensors)))
+            files = final.finalize(names)
     except BaseException as exc:
         for s in inter:
             writers[s.title].abort()  # no-op once finalized
