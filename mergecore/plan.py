@@ -60,6 +60,7 @@ from mergecore.config.methods import (
     NON_BASE,
     RANDOM_DROP_METHODS,
     MethodSpec,
+    ParamSpec,
 )
 from mergecore.config.params import Setting, resolve_parameter
 from mergecore.config.schema import (
@@ -204,6 +205,10 @@ class _Source:
     where: str
 
 
+class _Unplannable(Exception):
+    """A group of sources that cannot be checked (structure_problems with unopened models)."""
+
+
 @dataclass
 class _Group:
     where: str
@@ -249,9 +254,14 @@ def promoted_dtype(infos: list[TensorInfo]) -> str | None:
 
 class _Planner:
     def __init__(self, config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
-                 out_dtype: str | None, allow_crimes: bool, report_parameters: bool = True):
+                 out_dtype: str | None, allow_crimes: bool, report_parameters: bool = True,
+                 skip_unopened: bool = False):
         self.config = config
         self.report_parameters = report_parameters  # False: the YAML check reports them
+        # True: models without a checkpoint (the caller reports why) are left out of the
+        # plan, which then checks the others; ``dropped`` says whether any was
+        self.skip_unopened = skip_unopened
+        self.dropped = False
         self.method: MethodSpec = METHODS[config.merge_method]
         self.checkpoints = checkpoints
         self.allow_crimes = allow_crimes
@@ -315,7 +325,7 @@ class _Planner:
     def open_inputs(self) -> bool:
         ok = True
         for ref in self.config.models_to_open():
-            if self.checkpoint(ref) is None:
+            if self.checkpoint(ref) is None and not self.skip_unopened:
                 self.problems.add(f"model {ref.ref!r}", "no checkpoint was opened for it")
                 ok = False
             if ref.adapter is not None and not Path(ref.adapter).expanduser().exists():
@@ -331,7 +341,10 @@ class _Planner:
     def check_architectures(self) -> None:
         archs: dict[str, list[str]] = {}
         for ref in self.config.input_models():
-            cfg = self.checkpoint(ref).config or {}
+            ckpt = self.checkpoint(ref)
+            if ckpt is None:  # skip_unopened
+                continue
+            cfg = ckpt.config or {}
             arch = cfg.get("architectures")
             key = ", ".join(arch) if isinstance(arch, list) else None
             if key:
@@ -342,64 +355,90 @@ class _Planner:
                               "--allow-crimes to merge them anyway")
 
     def source(self, ref: ModelRef, start: int, params: Mapping[str, Setting] | None,
-               where: str) -> _Source:
+               where: str) -> _Source | None:
+        """The source ``ref`` at key path ``where``; None for a model without a checkpoint
+        (``skip_unopened``: it is left out of its group)."""
         ckpt = self.checkpoint(ref)
+        if ckpt is None:
+            self.dropped = True
+            return None
         return _Source(ref, ckpt, self.layout(ref, ckpt), start, params or {}, where)
+
+    def group(self, where: str, sources: list[_Source | None], base: ModelRef | None,
+              params: Mapping[str, Setting], length: int) -> _Group:
+        kept = [s for s in sources if s is not None]
+        if not kept or (self.method.needs_base and base is not None
+                        and self.checkpoint(base) is None):
+            raise _Unplannable(where)  # no model left, or no base to take deltas from
+        return _Group(where, kept, base, params, length)
 
     def groups(self) -> list[_Group]:
         cfg = self.config
         if cfg.models is not None:
             sources = [self.source(m.model, 0, m.parameters, f"models[{i}]")
                        for i, m in enumerate(cfg.models)]
-            if cfg.base_model is not None and all(s.ref.ref != cfg.base_model.ref
+            if cfg.base_model is not None and all(s is None or s.ref.ref != cfg.base_model.ref
                                                   for s in sources):
                 sources.append(self.source(cfg.base_model, 0, None, "base_model"))
-            return [_Group("models", sources, cfg.base_model, {}, 0)]
+            return [self.group("models", sources, cfg.base_model, {}, 0)]
         out = []
         for i, sl in enumerate(cfg.slices or []):
             sources = [self.source(s.model, s.layer_range[0], s.parameters,
                                    f"slices[{i}].sources[{j}]")
                        for j, s in enumerate(sl.sources)]
-            out.append(_Group(f"slices[{i}]", sources, sl.base_model or cfg.base_model,
-                              sl.parameters, sl.num_layers))
+            out.append(self.group(f"slices[{i}]", sources, sl.base_model or cfg.base_model,
+                                  sl.parameters, sl.num_layers))
         return out
 
     # --- parameters ---
     def resolve(self, group: _Group, names: list[str], out_name: str, u: float
-                ) -> tuple[dict[str, Any], dict[str, list[Any]]] | None:
+                ) -> tuple[dict[str, Any], dict[str, list[Any]], bool] | None:
+        """The tensor's global and per-input parameters, and whether all resolved (with
+        ``report_parameters`` off, a value that does not resolve is None); None after a
+        problem was recorded."""
         top = self.config.parameters
         base_pos = group.base_position() if self.method.needs_base else None
         glob: dict[str, Any] = {}
         per: dict[str, list[Any]] = {}
+        unresolved = False
+
+        def value(spec: ParamSpec, chain: list[Mapping[str, Setting]], **where: Any) -> Any:
+            nonlocal unresolved
+            try:
+                return resolve_parameter(spec, chain, u=u, **where)
+            except ValueError:
+                if self.report_parameters:
+                    raise
+                unresolved = True  # the YAML check reports it; the others are still checked
+                return None
+
         try:
             for spec in self.method.global_params:
-                glob[spec.name] = resolve_parameter(spec, [group.params, top],
-                                                    tensor_name=out_name, u=u)
+                glob[spec.name] = value(spec, [group.params, top], tensor_name=out_name)
             for spec in self.method.input_params:
                 values = []
                 for k, src in enumerate(group.sources):
                     if spec.scope == NON_BASE and k == base_pos:
                         values.append(None)
                         continue
-                    values.append(resolve_parameter(spec, [src.params, group.params, top],
-                                                    tensor_name=names[k], u=u,
-                                                    model=src.ref.ref))
+                    values.append(value(spec, [src.params, group.params, top],
+                                        tensor_name=names[k], model=src.ref.ref))
                 per[spec.name] = values
         except ValueError as exc:  # MissingParameterError, ParameterValueError
-            if not self.report_parameters:
-                return None
             msg = str(exc)
             tensor_at = msg.rfind(" (tensor ")
             key = msg[:tensor_at] if tensor_at > 0 else msg
             self.issue(f"{group.where}: {key}", out_name)
             return None
-        return glob, per
+        return glob, per, not unresolved
 
     def check_values(self, out_name: str, numel: int, group: _Group, base_pos: int | None,
                      glob: dict[str, Any], per: dict[str, list[Any]]) -> None:
         m = self.method.name
         others = [k for k in range(len(group.sources)) if k != base_pos]
-        if m == "linear" and glob.get("normalize") and abs(sum(per["weight"])) < NORMALIZE_EPS:
+        weights = per.get("weight", [])
+        if (m == "linear" and glob.get("normalize") and not self.dropped
+                and None not in weights and abs(sum(weights)) < NORMALIZE_EPS):
             self.issue("linear with normalize: the weights sum to 0 (set normalize: false "
                        "or change the weights)", out_name)
         for k in others:
@@ -495,10 +534,12 @@ class _Planner:
         resolved = self.resolve(group, names, out_name, u)
         if resolved is None:
             return
-        glob, per = resolved
+        glob, per, complete = resolved
         base_pos = group.base_position() if self.method.needs_base else None
         numel = math.prod(shape)
         self.check_values(out_name, numel, group, base_pos, glob, per)
+        if not complete:
+            return  # only checked (structure_problems): this plan is never run
         if self.method.name == "passthrough":
             glob["scale"] = per["scale"][0]
         if self.out_dtype_name is not None:
@@ -703,20 +744,30 @@ def build_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
 
 
 def structure_problems(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
-                       allow_crimes: bool = False) -> list[str]:
+                       allow_crimes: bool = False, report_parameters: bool = False) -> list[str]:
     """What ``build_plan`` finds wrong in the inputs' headers for ``config`` (shapes that
-    differ, missing tensors, layer counts, layer_range bounds, dtypes ...), for a config whose
-    YAML has problems of its own: parameters that cannot be resolved are not reported (the
-    YAML check does), and a config too broken to plan gives no problems rather than an
-    exception. Reads no tensor data."""
+    differ, missing tensors, layer counts, layer_range bounds, dtypes, densities that keep
+    nothing ...) when the caller already has problems to report, so that one run lists them
+    all. Two such cases:
+
+    - some models could not be opened (absent from ``checkpoints``; the caller says why):
+      they are left out, and the others are checked among themselves (nothing is checked
+      when a group loses its base model or every model);
+    - the YAML has problems of its own (``report_parameters`` False): parameters that do
+      not resolve are not reported (the YAML check does); the values that do are checked.
+
+    A config too broken to plan gives no problems rather than an exception; a BlockMerge
+    config gives none. Reads no tensor data."""
+    if config.blockmerge is not None or config.merge_method not in METHODS:
+        return []
     planner = _Planner(config, checkpoints, out_dtype=None, allow_crimes=allow_crimes,
-                       report_parameters=False)
+                       report_parameters=report_parameters, skip_unopened=True)
     try:
         planner.run(None)
     except ConfigError as exc:
         return exc.problems
-    except Exception:  # noqa: BLE001 - half-checked config; its own problems are reported
-        return []
+    except Exception:  # noqa: BLE001 - half-checked config (_Unplannable ...): the caller's
+        return []      # own problems are reported
     return []
 
 

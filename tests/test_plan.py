@@ -617,6 +617,121 @@ def test_yaml_problems_come_with_the_header_problems_of_every_plannable_document
     assert not has(info.value.problems, "lacks 1 tensor")
 
 
+def _load_problems(path: Path, text: str) -> list[str]:
+    path.write_text(y(text))
+    with pytest.raises(ConfigError) as info:
+        load_merge(path)
+    assert str(path) in str(info.value)
+    return info.value.problems
+
+
+def test_a_model_that_does_not_open_does_not_hide_the_others_problems(tmp_path):
+    """One run lists the missing model and what the models that did open show."""
+    a = toy(tmp_path / "a", 1)
+    wide = toy(tmp_path / "wide", 2, hidden=6)
+    few = toy(tmp_path / "few", 3, drop=("lm_head.weight",))
+    gone = tmp_path / "gone"
+    probs = _load_problems(tmp_path / "c.yml", f"""
+        merge_method: ties
+        base_model: {a}
+        models:
+          - model: {gone}
+            parameters: {{weight: 1, density: 0.5}}
+          - model: {wide}
+            parameters: {{weight: 1, density: 0.5}}
+          - model: {few}
+            parameters: {{weight: 1, density: 0.5}}
+    """)
+    assert has(probs, f"model '{gone}'", "does not exist")
+    assert has(probs, "shapes differ", f"reference model '{a}' and '{wide}'")
+    assert has(probs, f"model '{few}'", "lacks 1 tensor", "'lm_head.weight'")
+    assert not has(probs, f"'{gone}'", "lacks") and len(probs) == 3, probs
+    # slices: the other source of the slice is still checked against its layer_range
+    probs = _load_problems(tmp_path / "s.yml", f"""
+        merge_method: slerp
+        base_model: {a}
+        slices:
+          - sources: [{{model: {a}, layer_range: [1, 4]}}, {{model: {gone}, layer_range: [0, 3]}}]
+        parameters: {{t: 0.5}}
+    """)
+    assert has(probs, "slices[0].sources[0].layer_range", "[1, 4) is out of bounds")
+    assert len(probs) == 2, probs
+
+
+def test_a_recipe_stage_with_a_missing_input_still_checks_its_other_inputs(tmp_path):
+    from mergecore.recipes import load_recipe
+
+    a = toy(tmp_path / "a", 1)
+    few = toy(tmp_path / "few", 2, drop=("lm_head.weight",))
+    gone = tmp_path / "gone"
+    path = tmp_path / "recipe.yml"
+    path.write_text(y(f"""
+        name: stage1
+        merge_method: linear
+        models: [{{model: {a}}}, {{model: {few}}}, {{model: {gone}}}]
+        parameters: {{weight: 1}}
+        ---
+        merge_method: linear
+        models: [{{model: stage1}}, {{model: {a}}}]
+        parameters: {{weight: 1}}
+    """))
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    probs = info.value.problems
+    assert has(probs, "stage1", f"model '{gone}'", "does not exist")
+    assert has(probs, "stage1", f"model '{few}'", "lacks 1 tensor", "'lm_head.weight'")
+    assert len(probs) == 2, probs  # the final document waits for stage1
+
+
+def test_models_left_out_give_no_made_up_problems(tmp_path):
+    """Without its base a delta merge is not checked at all; a linear merge whose remaining
+    weights sum to 0 is not called a normalization problem (the missing one has weight 1)."""
+    a = toy(tmp_path / "a", 1)
+    b = toy(tmp_path / "b", 2)
+    gone = tmp_path / "gone"
+    probs = _load_problems(tmp_path / "t.yml", f"""
+        merge_method: ties
+        base_model: {gone}
+        models: [{{model: {a}}}, {{model: {b}}}]
+        parameters: {{weight: 1, density: 0.5}}
+    """)
+    assert len(probs) == 1 and has(probs, f"model '{gone}'", "does not exist"), probs
+    probs = _load_problems(tmp_path / "l.yml", f"""
+        merge_method: linear
+        models:
+          - {{model: {a}, parameters: {{weight: 1}}}}
+          - {{model: {b}, parameters: {{weight: -1}}}}
+          - {{model: {gone}, parameters: {{weight: 1}}}}
+    """)
+    assert len(probs) == 1 and has(probs, f"model '{gone}'", "does not exist"), probs
+
+
+def test_a_parameter_the_yaml_rejects_does_not_hide_the_planners_value_checks(tmp_path):
+    """``weight: .nan`` is the YAML check's; a density that keeps nothing of a small tensor
+    (of another model) is the planner's: one run lists both."""
+    a = toy(tmp_path / "a", 1)
+    b = toy(tmp_path / "b", 2)
+    c = toy(tmp_path / "c", 3)
+    path = tmp_path / "c.yml"
+    path.write_text(y(f"""
+        merge_method: ties
+        base_model: {a}
+        models:
+          - model: {b}
+            parameters: {{weight: .nan, density: 0.5}}
+          - model: {c}
+            parameters: {{weight: 1, density: 0.01}}
+    """))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    probs = info.value.problems
+    assert has(probs, "models[0].parameters.weight", "not a finite number")
+    assert has(probs, "tensors 'model.embed_tokens.weight'",
+               f"model '{c}': density 0.01 keeps int(density * numel) = 0 entries")
+    assert not has(probs, f"model '{b}': density"), probs
+    assert len(probs) == 2, probs
+
+
 def test_missing_tensors_are_summarised(tmp_path):
     a = toy(tmp_path / "a", 1, layers=12)
     b = toy(tmp_path / "b", 2, layers=12,

@@ -66,9 +66,11 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
     headers of every model the documents name (stage names of a recipe excepted): missing
     directories, pickle-only or malformed checkpoints, LoRA adapters that do not fit. Then
     plans each document whose model list survived the check intact
-    (``structure_is_complete``) and whose models all opened, and adds what the planner finds
-    in the headers: shapes that differ, missing tensors, layer counts, layer_range bounds.
-    Parameter problems are left to the YAML check. Reads no tensor data.
+    (``structure_is_complete``) and that uses no other stage, leaving out the models that
+    did not open, and adds what the planner finds in the headers: shapes that differ,
+    missing tensors, layer counts, layer_range bounds, and the values of the parameters that
+    resolve (a density that keeps nothing). Parameters that do not resolve are left to the
+    YAML check. Reads no tensor data.
     """
     from mergecore.plan import structure_problems
 
@@ -86,9 +88,9 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
     for raw, cfg in parsed:
         if cfg is None or not structure_is_complete(raw, cfg):
             continue
-        models = cfg.models_to_open()
-        if all(ref.path in checkpoints for ref in models):
-            problems.extend(structure_problems(cfg, checkpoints, allow_crimes=allow_crimes))
+        if any(ref.path in stages for ref in cfg.models_to_open()):
+            continue  # a recipe stage that uses another: planned once the YAML is fixed
+        problems.extend(structure_problems(cfg, checkpoints, allow_crimes=allow_crimes))
     return problems
 
 
@@ -100,7 +102,7 @@ def load_merge(config_path: str | os.PathLike, *, random_seed: int | None = None
     ``ConfigError`` that names the file. A multi-stage recipe (several documents) is parsed
     and checked, then refused: running it is not supported yet.
     """
-    from mergecore.plan import build_plan
+    from mergecore.plan import build_plan, structure_problems
 
     source = os.fspath(config_path)
     docs = load_config(config_path, allow_crimes=allow_crimes)
@@ -112,6 +114,9 @@ def load_merge(config_path: str | os.PathLike, *, random_seed: int | None = None
     config = docs[0]
     problems = Problems()
     checkpoints = open_checkpoints(config.models_to_open(), problems)
+    if problems:  # also list what the models that did open show (one run, every problem)
+        problems.extend(structure_problems(config, checkpoints, allow_crimes=allow_crimes,
+                                           report_parameters=True))
     problems.raise_if_any(source)
     try:
         return build_plan(config, checkpoints, out_dtype=out_dtype, random_seed=random_seed,

@@ -39,6 +39,7 @@ from mergecore.plan import (
     PlannedTensor,
     build_plan,
     distinct_input_bytes,
+    structure_problems,
 )
 
 #: The root of the made-up file paths of virtual (intermediate) checkpoints.
@@ -269,21 +270,28 @@ class _StagePlanner:
              final: bool) -> MergePlan | None:
         label = self.labels[cfg.name]
         stage_refs, file_refs = self._stage_refs(cfg)
-        ok = self._open(label, file_refs)
+        inputs_ok = self._open(label, file_refs)
+        stages_ok = True
         for ref in stage_refs:
             if ref.adapter is not None:
                 self.problems.add(label, f"model {ref.ref!r}: a LoRA adapter on the "
                                   f"intermediate stage {ref.path!r} is not supported (apply "
                                   "it to that stage's inputs instead)")
-                ok = False
+                stages_ok = False
             if ref.path in self.failed:
-                ok = False  # its problems are reported under its own document
-        if not ok:
+                stages_ok = False  # its problems are reported under its own document
+        checkpoints = {r.path: self.opened[r.path] for r in file_refs if r.path in self.opened}
+        if stages_ok:
+            for ref in stage_refs:
+                checkpoints[ref.path] = stage_checkpoint(ref.path, plans[ref.path])
+        if not (inputs_ok and stages_ok):
+            if stages_ok:  # some inputs did not open: check what the others show
+                for line in structure_problems(cfg, checkpoints,
+                                               allow_crimes=self.allow_crimes,
+                                               report_parameters=True):
+                    self.problems.add(label, line)
             self.failed.add(cfg.name)
             return None
-        checkpoints = {r.path: self.opened[r.path] for r in file_refs}
-        for ref in stage_refs:
-            checkpoints[ref.path] = stage_checkpoint(ref.path, plans[ref.path])
         try:
             return build_plan(cfg, checkpoints, out_dtype=self.out_dtype if final else None,
                               random_seed=self.random_seed, allow_crimes=self.allow_crimes)
