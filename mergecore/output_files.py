@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from mergecore.io.errors import OutputFileError
-from mergecore.io.writer import atomic_write_bytes
+from mergecore.io.writer import atomic_write, atomic_write_bytes
 
 MODEL_CARD_TEMPLATE = """---
 base_model:
@@ -49,18 +46,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through the temporary ``.NAME.partial`` (removed on any failure
-    or interruption); an OS error is an ``OutputFileError`` naming both files."""
-    tmp = dst.with_name(f".{dst.name}.partial")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, OutputFileError):
-            raise OutputFileError(exc.errno or errno.EIO, f"copying {str(src)!r} to "
-                                  f"{str(dst)!r} failed: {exc.strerror or exc}") from exc
-        raise
+    """Copy ``src`` to ``dst`` through a temporary name (``atomic_write``: removed on any
+    failure or interruption); an OS error is an ``OutputFileError`` naming both files."""
+    def fill(out: BinaryIO) -> None:
+        with open(src, "rb") as fh:
+            shutil.copyfileobj(fh, out)
+
+    atomic_write(dst, fill, fsync=True, what=f"copying {str(src)!r} to {str(dst)!r}")
 
 
 def write_config_json(out_dir: Path, config: dict[str, Any] | None) -> None:

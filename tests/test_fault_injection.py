@@ -256,15 +256,17 @@ def _fail_copying(monkeypatch, target: str, fault: BaseException) -> None:
     """Copying a file named ``target`` writes half of it, then raises ``fault``."""
     import shutil
 
-    real = shutil.copyfile
+    real = shutil.copyfileobj
 
-    def copyfile(src, dst, *args, **kwargs):
-        if Path(src).name == target:
-            Path(dst).write_bytes(Path(src).read_bytes()[: Path(src).stat().st_size // 2])
+    def copyfileobj(src, dst, *args, **kwargs):
+        if Path(src.name).name == target:
+            data = src.read()
+            dst.write(data[: len(data) // 2])
+            dst.flush()
             raise fault
         return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    monkeypatch.setattr(shutil, "copyfileobj", copyfileobj)
 
 
 ENOSPC_ERROR = OSError(28, "No space left on device")

@@ -36,11 +36,11 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
@@ -181,14 +181,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, fsync: bool) -> None:
-    """Write ``data`` to ``path`` through the temporary ``.NAME.partial``, renamed into place
-    when complete. On any failure or interruption (ENOSPC, Ctrl-C) the temporary file is
-    removed; an OS error is raised as ``OutputFileError`` naming ``path``."""
+def atomic_write(path: Path, fill: Callable[[BinaryIO], object], fsync: bool, *,
+                 what: str | None = None) -> None:
+    """Create ``path`` with the bytes ``fill(fh)`` writes, through the temporary
+    ``.NAME.partial``, renamed into place when complete. On any failure or interruption
+    (ENOSPC, Ctrl-C) the temporary file is removed; an OS error is raised as
+    ``OutputFileError`` that says ``what`` failed (default: writing ``path``)."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            fill(fh)
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
@@ -200,11 +202,16 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool) -> None:
             pass
         if isinstance(exc, OSError) and not isinstance(exc, OutputFileError):
             raise OutputFileError(exc.errno or errno_mod.EIO,
-                                  f"writing {str(path)!r} failed: {exc.strerror or exc}"
-                                  ) from exc
+                                  f"{what or f'writing {str(path)!r}'} failed: "
+                                  f"{exc.strerror or exc}") from exc
         raise
     if fsync:
         _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool) -> None:
+    """Write ``data`` to ``path`` through a temporary name (``atomic_write``)."""
+    atomic_write(path, lambda fh: fh.write(data), fsync)
 
 
 def _as_bytes(name: str, data: Any, dtype: str, shape: tuple[int, ...]) -> memoryview:
@@ -784,6 +791,7 @@ __all__ = [
     "ShardSpec",
     "ShardWriter",
     "StreamingWriter",
+    "atomic_write",
     "atomic_write_bytes",
     "plan_shards",
     "shard_filename",
