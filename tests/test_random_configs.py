@@ -1,0 +1,141 @@
+"""Random YAML configurations, merged end to end three ways: mergecore's C++ backend, its
+float64 reference backend, and mergekit 0.1.5.
+
+The configs (``mergecore.testing.random_configs``) mix every method with gradients, filter
+conditionals, slices, per-model and top-level parameters, dtypes and out_dtypes, so the
+whole path (planner, batching, fused CPU kernels, output dtypes, writer) is exercised on
+combinations no hand-written test lists.
+
+- C++ against the reference: the contract of docs/semantics.md, elementwise. bf16/fp16
+  outputs: at least 99.9% of each tensor's elements within 1 ulp; every element (also of
+  fp32 outputs, which carry the error of several fp32 roundings) within 1 ulp plus the
+  fp32 error bound, scaled by the largest amplification the generator can draw, of the
+  largest input magnitude of that tensor. A wrong kept entry or a wrong parameter is off
+  by a share of a delta: far more.
+- Against mergekit (not DARE: its random stream is mergekit's own): a check for gross
+  errors only, in the coarser of the compute and output dtypes (fp32 read as bf16):
+  mergekit rounds to bf16 after every operation and breaks TIES ties otherwise, so per
+  tensor at least 50% and overall at least 90% of elements within 1 ulp. A misread
+  parameter (a filter, a gradient, precedence) is off on most elements of its tensors.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import yaml
+
+from mergecore.cli import main
+from mergecore.numerics import ulp_diff
+from mergecore.synthetic import make_family
+from mergecore.testing.mergekit_harness import compare_outputs, load_state, run_mergekit_batch
+from mergecore.testing.random_configs import METHODS, random_config
+
+LAYERS = 5
+N_CONFIGS = 2 * len(METHODS)
+#: The largest |result| / |input| ratio random_config can draw: lambda 1.5 x (3 weights of at
+#: most 1.2) / (a normalizing sum of at least 0.1), plus the base.
+AMPLIFICATION = 1.5 * 3 * 1.2 / 0.1 + 1
+FP32_ROUNDING = 3 * 2.0**-22
+
+
+def _layer_free(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``mlp.up_proj.weight`` (slices move layers)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[i + 1:])
+    return name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("random-configs")
+    family = [str(p) for p in make_family(root / "family", n_models=4, hidden=48,
+                                           layers=LAYERS, vocab=128, dtype="bfloat16")]
+    rng = random.Random(20261207)
+    cases = []
+    for i in range(N_CONFIGS):
+        cfg = random_config(rng, family[0], family[1:], LAYERS, method=METHODS[i % len(METHODS)])
+        work = root / f"case{i}"
+        work.mkdir()
+        (work / "config.yml").write_text(yaml.safe_dump(cfg))
+        cases.append({"cfg": cfg, "work": work})
+    magnitude: dict[str, float] = {}  # largest |input| per layer-free tensor name
+    for model in family:
+        for name, t in load_state(model).items():
+            key = _layer_free(name)
+            magnitude[key] = max(magnitude.get(key, 0.0), float(t.float().abs().max()))
+    run_mergekit_batch([(c["cfg"], c["work"] / "mergekit") for c in cases
+                        if not c["cfg"]["merge_method"].startswith("dare")])
+    for c in cases:
+        c["magnitude"] = magnitude
+    return cases
+
+
+def _merge(case: dict, out: str, backend: str, monkeypatch) -> dict[str, torch.Tensor]:
+    with monkeypatch.context() as patch:
+        patch.setenv("MERGECORE_BACKEND", backend)
+        assert main(["merge", str(case["work"] / "config.yml"), str(case["work"] / out),
+                     "--quiet"]) == 0, case["cfg"]
+    return load_state(case["work"] / out)
+
+
+@pytest.mark.parametrize("i", range(N_CONFIGS))
+def test_random_config_cpu_equals_reference_and_agrees_with_mergekit(runs, i, monkeypatch):
+    case = runs[i]
+    cfg = case["cfg"]
+    cpu = _merge(case, "cpu", "cpu", monkeypatch)
+    ref = _merge(case, "reference", "reference", monkeypatch)
+    assert cpu.keys() == ref.keys()
+    for name, r in ref.items():
+        c = cpu[name]
+        assert c.dtype == r.dtype and c.shape == r.shape, name
+        if not r.is_floating_point():
+            assert torch.equal(c, r), name
+            continue
+        if r.dtype != torch.float32:  # fp32: several roundings of fp32 arithmetic, bound only
+            share = float((ulp_diff(c, r) <= 1).double().mean())
+            assert share >= 0.999, (name, share, cfg)
+        one_ulp = r.double().abs() * torch.finfo(r.dtype).eps
+        bound = one_ulp + FP32_ROUNDING * AMPLIFICATION * case["magnitude"][_layer_free(name)]
+        err = (c.double() - r.double()).abs()
+        assert bool((err <= bound).all()), (name, float((err - bound).max()), cfg)
+    if cfg["merge_method"].startswith("dare"):
+        return
+    mk = load_state(case["work"] / "mergekit")
+    dtypes = {cfg.get("dtype", "bfloat16"), cfg.get("out_dtype", cfg.get("dtype", "bfloat16"))}
+    coarse = torch.float16 if dtypes <= {"float16", "float32"} and "float16" in dtypes \
+        else torch.bfloat16
+    ours = {k: v.to(coarse) if v.is_floating_point() else v for k, v in cpu.items()}
+    theirs = {k: v.to(coarse) if v.is_floating_point() else v for k, v in mk.items()}
+    report = compare_outputs(ours, theirs, min_within_1ulp=0.5, check=False)
+    assert report.ok and report.overall_within_1ulp >= 0.9, (report.format(3), cfg)
+
+
+def _walk(node):
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+def test_the_generator_covers_the_yaml_forms():
+    """Forms the differential test relies on actually occur in its configs."""
+    rng = random.Random(20261207)
+    cfgs = [random_config(rng, "b", ["f1", "f2", "f3"], LAYERS, method=METHODS[i % len(METHODS)])
+            for i in range(N_CONFIGS)]
+    nodes = [n for c in cfgs for n in _walk(c)]
+    assert {c["merge_method"] for c in cfgs} == set(METHODS)
+    assert any("slices" in c for c in cfgs) and any("models" in c for c in cfgs)
+    assert any("out_dtype" in c for c in cfgs) and any("dtype" not in c for c in cfgs)
+    gradients = [n for n in nodes if isinstance(n, list) and n
+                 and all(isinstance(x, float) for x in n)]
+    filters = [n for n in nodes if isinstance(n, dict) and "filter" in n]
+    assert gradients and filters
+    assert any(isinstance(n, dict) and "layer_range" in n and "parameters" in n for n in nodes)
