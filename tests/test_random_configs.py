@@ -21,6 +21,7 @@ combinations no hand-written test lists.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -34,7 +35,9 @@ from mergecore.testing.mergekit_harness import compare_outputs, load_state, run_
 from mergecore.testing.random_configs import METHODS, random_config
 
 LAYERS = 5
-N_CONFIGS = 2 * len(METHODS)
+#: A longer sweep: MERGECORE_RANDOM_CONFIGS=200 MERGECORE_RANDOM_SEED=7 pytest this file.
+N_CONFIGS = int(os.environ.get("MERGECORE_RANDOM_CONFIGS", str(2 * len(METHODS))))
+SEED = int(os.environ.get("MERGECORE_RANDOM_SEED", "20261207"))
 #: The largest |result| / |input| ratio random_config can draw: lambda 1.5 x (3 weights of at
 #: most 1.2) / (a normalizing sum of at least 0.1), plus the base.
 AMPLIFICATION = 1.5 * 3 * 1.2 / 0.1 + 1
@@ -55,7 +58,7 @@ def runs(tmp_path_factory) -> list[dict]:
     root = tmp_path_factory.mktemp("random-configs")
     family = [str(p) for p in make_family(root / "family", n_models=4, hidden=48,
                                            layers=LAYERS, vocab=128, dtype="bfloat16")]
-    rng = random.Random(20261207)
+    rng = random.Random(SEED)
     cases = []
     for i in range(N_CONFIGS):
         cfg = random_config(rng, family[0], family[1:], LAYERS, method=METHODS[i % len(METHODS)])
