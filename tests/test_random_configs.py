@@ -2,7 +2,8 @@
 float64 reference backend, and mergekit 0.1.5.
 
 The configs (``mergecore.testing.random_configs``) mix every method with gradients, filter
-conditionals, slices, per-model and top-level parameters, dtypes and out_dtypes, so the
+conditionals, slices, per-model and top-level parameters, dtypes, out_dtypes and LoRA
+inputs (``model+adapter``, two generated PEFT adapters), so the
 whole path (planner, batching, fused CPU kernels, output dtypes, writer) is exercised on
 combinations no hand-written test lists.
 
@@ -30,7 +31,7 @@ import yaml
 
 from mergecore.cli import main
 from mergecore.numerics import ulp_diff
-from mergecore.synthetic import make_family
+from mergecore.synthetic import make_family, make_lora_adapter
 from mergecore.testing.mergekit_harness import compare_outputs, load_state, run_mergekit_batch
 from mergecore.testing.random_configs import METHODS, random_config
 
@@ -58,21 +59,26 @@ def runs(tmp_path_factory) -> list[dict]:
     root = tmp_path_factory.mktemp("random-configs")
     family = [str(p) for p in make_family(root / "family", n_models=4, hidden=48,
                                            layers=LAYERS, vocab=128, dtype="bfloat16")]
+    adapters = [str(make_lora_adapter(family[0], root / "lora-qv")),
+                str(make_lora_adapter(family[0], root / "lora-mlp", r=2, alpha=4, seed=1,
+                                      target_modules=("gate_proj", "down_proj")))]
     rng = random.Random(SEED)
     cases = []
     for i in range(N_CONFIGS):
-        cfg = random_config(rng, family[0], family[1:], LAYERS, method=METHODS[i % len(METHODS)])
+        cfg = random_config(rng, family[0], family[1:], LAYERS, method=METHODS[i % len(METHODS)],
+                            adapters=adapters)
         work = root / f"case{i}"
         work.mkdir()
         (work / "config.yml").write_text(yaml.safe_dump(cfg))
         cases.append({"cfg": cfg, "work": work})
     magnitude: dict[str, float] = {}  # largest |input| per layer-free tensor name
-    for model in family:
+    for model in family:  # a LoRA product adds ~1e-3: small next to the weights
         for name, t in load_state(model).items():
             key = _layer_free(name)
             magnitude[key] = max(magnitude.get(key, 0.0), float(t.float().abs().max()))
     run_mergekit_batch([(c["cfg"], c["work"] / "mergekit") for c in cases
-                        if not c["cfg"]["merge_method"].startswith("dare")])
+                        if not c["cfg"]["merge_method"].startswith("dare")],
+                       extra_args=["--lora-merge-cache", str(root / "mergekit-lora-cache")])
     for c in cases:
         c["magnitude"] = magnitude
     return cases

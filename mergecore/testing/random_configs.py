@@ -5,7 +5,7 @@ a dtype and out_dtype, the ``models:`` or ``slices:`` form (two slices split at 
 layer; passthrough: one to three slices stacking random layer ranges of random models), and
 parameters in every form mergekit's YAML allows: scalars, gradient lists, filter
 conditionals with a default, per-model, per-slice and top-level, with YAML anchors as
-``yaml.safe_dump`` writes them for repeated dicts.
+``yaml.safe_dump`` writes them for repeated dicts; optionally LoRA inputs (``model+adapter``).
 
 Parameter ranges keep the merges well conditioned, so that a test can use one error bound
 for all of them: weights of normalized merges are positive (a weight sum near 0 would
@@ -64,9 +64,15 @@ def _delta_entries(rng: random.Random, method: str, fine_tunes: list[str]) -> li
 
 
 def random_config(rng: random.Random, base: str, fine_tunes: list[str], layers: int,
-                  method: str | None = None) -> dict[str, Any]:
+                  method: str | None = None, adapters: list[str] | None = None
+                  ) -> dict[str, Any]:
     """One random configuration (a dict ready for ``yaml.safe_dump``); see the module
-    docstring. ``method`` fixes the merge method."""
+    docstring. ``method`` fixes the merge method. With ``adapters`` (LoRA adapter
+    directories that fit the family), a fine-tune is sometimes referenced as
+    ``model+adapter``."""
+    if adapters:
+        fine_tunes = [f"{m}+{rng.choice(adapters)}" if rng.random() < 0.25 else m
+                      for m in fine_tunes]
     models = [base, *fine_tunes]
     method = method or rng.choice(METHODS)
     cfg: dict[str, Any] = {"merge_method": method}
