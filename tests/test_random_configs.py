@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ from mergecore.cli import main
 from mergecore.numerics import ulp_diff
 from mergecore.synthetic import make_family, make_lora_adapter
 from mergecore.testing.mergekit_harness import compare_outputs, load_state, run_mergekit_batch
-from mergecore.testing.random_configs import METHODS, random_config
+from mergecore.testing.random_configs import METHODS, random_config, random_recipe
+from mergecore.testing.stages import stage_by_stage, write_recipe
 
 LAYERS = 5
 #: A longer sweep: MERGECORE_RANDOM_CONFIGS=200 MERGECORE_RANDOM_SEED=7 pytest this file.
@@ -148,3 +150,33 @@ def test_the_generator_covers_the_yaml_forms():
     filters = [n for n in nodes if isinstance(n, dict) and "filter" in n]
     assert gradients and filters
     assert any(isinstance(n, dict) and "layer_range" in n and "parameters" in n for n in nodes)
+
+
+N_RECIPES = int(os.environ.get("MERGECORE_RANDOM_RECIPES", "8"))
+
+
+@pytest.fixture(scope="module")
+def recipe_family(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
+    root = tmp_path_factory.mktemp("random-recipes")
+    family = [str(p) for p in make_family(root / "family", n_models=4, hidden=32,
+                                           layers=LAYERS, vocab=96, dtype="bfloat16")]
+    adapters = [str(make_lora_adapter(family[0], root / "lora", target_modules=("q_proj",)))]
+    return root, family, adapters
+
+
+@pytest.mark.parametrize("i", range(N_RECIPES))
+def test_random_recipe_fused_equals_stage_by_stage(recipe_family, i):
+    """One fused pass over a random recipe gives the bits of merging its stages one by one
+    with the intermediates on disk."""
+    root, family, adapters = recipe_family
+    rng = random.Random(SEED * 1000 + i)
+    docs = random_recipe(rng, family[0], family[1:], LAYERS, adapters=adapters)
+    work = root / f"recipe{i}"
+    work.mkdir()
+    recipe = write_recipe(work / "recipe.yml", docs)
+    assert main(["merge", str(recipe), str(work / "fused"), "--quiet"]) == 0, docs
+    alone = stage_by_stage(docs, work)[None]
+    fused, expected = load_state(work / "fused"), load_state(alone)
+    assert fused.keys() == expected.keys(), docs
+    for name, t in expected.items():
+        assert fused[name].dtype == t.dtype and torch.equal(fused[name], t), (name, docs)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mergecore.cli import main as mergecore_main
 from mergecore.config.errors import ConfigError
@@ -25,6 +24,7 @@ from mergecore.testing.mergekit_harness import (
     load_state,
     run_mergekit_multi_batch,
 )
+from mergecore.testing.stages import stage_by_stage, write_recipe
 from mergecore.verify import verify_output
 
 LAYERS = 4
@@ -103,41 +103,8 @@ RECIPES = {"lzlv": lzlv_recipe, "ties_slerp": ties_slerp_recipe,
 MERGEKIT_SHARE = {"lzlv": 0.999, "ties_slerp": 0.95}  # docs/semantics.md: slerp / ties
 
 
-def write_recipe(path: Path, docs: list[dict]) -> Path:
-    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-    return path
-
-
 def merge(config: Path, out: Path, *extra: str) -> None:
     assert mergecore_main(["merge", str(config), str(out), "--quiet", *extra]) == 0
-
-
-def stage_by_stage(docs: list[dict], work: Path) -> dict[str | None, Path]:
-    """Run every document as its own mergecore merge, a stage's output written to disk and
-    named by its path in the documents that use it (what mergekit-multi does)."""
-    names = {d["name"] for d in docs if "name" in d}
-    done: dict[str | None, Path] = {}
-
-    def patch(value):
-        if isinstance(value, dict):
-            return {k: patch(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [patch(v) for v in value]
-        return str(done[value]) if isinstance(value, str) and value in names else value
-
-    pending = list(docs)
-    while pending:
-        for doc in pending:
-            text = yaml.safe_dump(doc)
-            if all(n in done or n not in text for n in names - {doc.get("name")}):
-                break
-        pending.remove(doc)
-        body = patch({k: v for k, v in doc.items() if k != "name"})
-        name = doc.get("name")
-        out = work / f"stage-{name or 'final'}"
-        merge(write_recipe(work / f"stage-{name or 'final'}.yml", [body]), out)
-        done[name] = out
-    return done
 
 
 @pytest.fixture(scope="module")

@@ -130,4 +130,50 @@ def random_config(rng: random.Random, base: str, fine_tunes: list[str], layers: 
     return cfg
 
 
-__all__ = ["METHODS", "random_config", "random_value"]
+def _model_paths(node: Any) -> set[str]:
+    """The model paths (``+adapter`` dropped) a config document names."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("model", "base_model") and isinstance(value, str):
+                found.add(value.partition("+")[0])
+            else:
+                found |= _model_paths(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _model_paths(value)
+    return found
+
+
+def random_recipe(rng: random.Random, base: str, fine_tunes: list[str], layers: int,
+                  adapters: list[str] | None = None) -> list[dict[str, Any]]:
+    """A random multi-stage recipe (mergekit-multi's format): one or two named intermediate
+    stages, then the final document, which uses at least one stage. Every document is a
+    ``random_config`` whose models may be earlier stages (as the base too); LoRA adapters
+    only on checkpoints (mergecore refuses them on a stage). Intermediate stages keep the
+    family's layer count (no passthrough), so any later document can slice them."""
+    docs: list[dict[str, Any]] = []
+    names: list[str] = []
+    n_stages = rng.randint(1, 2)
+    for k in range(n_stages + 1):
+        final = k == n_stages
+        methods = METHODS if final else tuple(m for m in METHODS if m != "passthrough")
+        for _ in range(50):
+            checkpoints = [f"{m}+{rng.choice(adapters)}" if adapters and rng.random() < 0.2
+                           else m for m in fine_tunes]
+            pool = checkpoints + names
+            stage_base = rng.choice([base, *names])
+            cfg = random_config(rng, stage_base, [m for m in pool if m != stage_base], layers,
+                                method=rng.choice(methods))
+            if not final or _model_paths(cfg) & set(names):
+                break
+        else:
+            raise RuntimeError("no final document that uses a stage was drawn")
+        if not final:
+            cfg = {"name": f"stage{k + 1}", **cfg}
+            names.append(cfg["name"])
+        docs.append(cfg)
+    return docs
+
+
+__all__ = ["METHODS", "random_config", "random_recipe", "random_value"]
