@@ -658,6 +658,41 @@ def test_a_model_that_does_not_open_does_not_hide_the_others_problems(tmp_path):
     assert len(probs) == 2, probs
 
 
+def test_a_document_that_uses_a_stage_is_checked_against_the_stages_output(tmp_path):
+    """A YAML problem (an unknown key) in a recipe does not hide a layer_range past the end of
+    a stage's output, nor a shape that differs from it: the stage is planned first and the
+    document that uses it is planned against what it would output."""
+    a = toy(tmp_path / "a", 1)
+    b = toy(tmp_path / "b", 2)
+    wide = toy(tmp_path / "wide", 3, hidden=6)
+    path = tmp_path / "recipe.yml"
+    path.write_text(y(f"""
+        name: stage1
+        merge_method: linear
+        models: [{{model: {a}}}, {{model: {b}}}]
+        parameters: {{weight: 1}}
+        ---
+        merge_method: linear
+        slices:
+          - sources: [{{model: stage1, layer_range: [1, 4]}}, {{model: {b}, layer_range: [0, 3]}}]
+        parameters: {{weight: 1}}
+        ---
+        name: stage3
+        merge_method: linear
+        models: [{{model: stage1}}, {{model: {wide}}}]
+        parameters: {{weight: 1}}
+        tokenizer_sauce: base
+    """))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    probs = info.value.problems
+    assert has(probs, "tokenizer_sauce")
+    assert has(probs, "document 2 (final)", "slices[0].sources[0].layer_range",
+               "[1, 4) is out of bounds", "'stage1' has 3 layers")
+    assert has(probs, "document 3 (name: stage3)", "shapes differ", "'stage1'", f"'{wide}'")
+    assert len(probs) == 3, probs
+
+
 def test_a_recipe_stage_with_a_missing_input_still_checks_its_other_inputs(tmp_path):
     from mergecore.recipes import load_recipe
 

@@ -66,13 +66,16 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
     headers of every model the documents name (stage names of a recipe excepted): missing
     directories, pickle-only or malformed checkpoints, LoRA adapters that do not fit. Then
     plans each document whose model list survived the check intact
-    (``structure_is_complete``) and that uses no other stage, leaving out the models that
-    did not open, and adds what the planner finds in the headers: shapes that differ,
+    (``structure_is_complete``), in stage order (a document that uses a stage is planned
+    against what that stage would output, when the stage itself could be planned), leaving
+    out the models that did not open, and adds what the planner finds in the headers: shapes that differ,
     missing tensors, layer counts, layer_range bounds, and the values of the parameters that
     resolve (a density that keeps nothing). Parameters that do not resolve are left to the
     YAML check. Reads no tensor data.
     """
-    from mergecore.plan import structure_problems
+    from mergecore.config.schema import stage_order
+    from mergecore.plan import build_plan, structure_problems
+    from mergecore.recipes.graph import stage_checkpoint
 
     stages = {c.name for _, c in parsed if c is not None and c.name is not None}
     refs: list[ModelRef] = []
@@ -85,12 +88,37 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
             refs.append(ref)
     problems = Problems()
     checkpoints = open_checkpoints(refs, problems)
-    for raw, cfg in parsed:
-        if cfg is None or not structure_is_complete(raw, cfg):
+    configs = [c for _, c in parsed if c is not None]
+    raw_of = {id(c): raw for raw, c in parsed if c is not None}
+    try:
+        ordered = stage_order(configs)
+    except (ConfigError, KeyError):  # a cycle or a repeated name: the YAML check says so
+        ordered = [c for c in configs if not any(r.path in stages for r in c.models_to_open())]
+
+    def label(cfg: MergeConfig) -> str | None:  # as the recipe planner names documents
+        if len(configs) == 1:
+            return None
+        return (f"document {configs.index(cfg) + 1} "
+                f"({f'name: {cfg.name}' if cfg.name else 'final'})")
+
+    stage_plans: dict[str, MergePlan] = {}
+    for cfg in ordered:
+        if not structure_is_complete(raw_of[id(cfg)], cfg):
             continue
-        if any(ref.path in stages for ref in cfg.models_to_open()):
-            continue  # a recipe stage that uses another: planned once the YAML is fixed
-        problems.extend(structure_problems(cfg, checkpoints, allow_crimes=allow_crimes))
+        used = [ref for ref in cfg.models_to_open() if ref.path in stages]
+        if any(ref.path not in stage_plans or ref.adapter is not None for ref in used):
+            continue  # uses a stage that could not be planned: checked once that one is fixed
+        known = dict(checkpoints)
+        for ref in used:
+            known[ref.path] = stage_checkpoint(ref.path, stage_plans[ref.path])
+        for line in structure_problems(cfg, known, allow_crimes=allow_crimes):
+            problems.add(label(cfg), line)
+        if cfg.name is not None and all(ref.path in known for ref in cfg.models_to_open()):
+            try:  # what later documents see of this stage
+                plan = build_plan(cfg, known, allow_crimes=allow_crimes)
+            except (ValueError, TypeError, KeyError, AttributeError):  # ConfigError included:
+                continue  # its problems are reported above or by the YAML check
+            stage_plans[cfg.name] = plan
     return problems
 
 
