@@ -49,6 +49,16 @@ def has(problems: list[str], *parts: str) -> bool:
     return any(all(p in line for p in parts) for line in problems)
 
 
+@pytest.mark.parametrize("key", ["base_model", "slices[0].base_model"])
+def test_an_invalid_base_model_is_not_also_called_missing(key):
+    where = ("base_model: -0.5\nmodels: [{model: a, parameters: {weight: 1}}]\n"
+             if key == "base_model" else
+             "slices:\n  - base_model: [x]\n    sources: [{model: a, layer_range: [0, 2],"
+             " parameters: {weight: 1}}]\n")
+    probs = problems_of("merge_method: ties\n" + where)
+    assert has(probs, key, "must be a model path") and not has(probs, "needs a base_model"), probs
+
+
 # ----- parsing: good documents ----------------------------------------------------------------
 
 

@@ -284,6 +284,11 @@ class _Checker:
         self.problems.add(f"{self.prefix}{where}" if where else self.prefix.rstrip(": "),
                           message)
 
+    def reported(self, where: str) -> bool:
+        """Whether a problem at key path ``where`` was already recorded."""
+        head = f"{self.prefix}{where}:"
+        return any(line.startswith(head) for line in self.problems)
+
     def warn(self, where: str, message: str) -> None:
         line = f"{self.prefix}{where}: {message}"
         self.warnings.append(line)
@@ -577,8 +582,9 @@ def _check_contract(cfg: MergeConfig, method: MethodSpec, checker: _Checker) -> 
             inputs.append(("base_model", base, {}))
         if method.needs_base:
             if base is None:
-                checker.add(where if cfg.slices is not None else "base_model",
-                            f"merge method {method.name} needs a base_model")
+                if not (checker.reported("base_model") or checker.reported(f"{where}.base_model")):
+                    checker.add(where if cfg.slices is not None else "base_model",
+                                f"merge method {method.name} needs a base_model")
             elif base.ref not in {ref.ref for _, ref, _ in inputs}:
                 checker.add(where, f"the base model {base.ref!r} must be one of the sources "
                             f"of this slice for {method.name}")
