@@ -49,6 +49,19 @@ def has(problems: list[str], *parts: str) -> bool:
     return any(all(p in line for p in parts) for line in problems)
 
 
+@pytest.mark.parametrize(("text", "where"), [
+    (("base_model: a\nslices:\n  - sources: [{model: a, layer_range: [0, 1.5]},"
+     " {model: b, layer_range: [0, 2]}]\n"), "slices[0].sources[0].layer_range"),
+    ("base_model: a\nmodels: [{model: a}, {model: 3}]\n", "models[1].model"),
+    ("base_model: a\nmodels: [{model: a}, [b]]\n", "models[1]"),
+])
+def test_a_dropped_input_is_not_also_blamed_as_a_count_or_a_missing_base(text, where):
+    """An entry the check cannot read is reported once: not also as 'slerp takes exactly 2
+    input models; got 1' or 'the base model must be one of the sources' after it."""
+    probs = problems_of("merge_method: slerp\nparameters: {t: 0.5}\n" + text)
+    assert len(probs) == 1 and probs[0].startswith(where + ":"), probs
+
+
 @pytest.mark.parametrize("key", ["base_model", "slices[0].base_model"])
 def test_an_invalid_base_model_is_not_also_called_missing(key):
     where = ("base_model: -0.5\nmodels: [{model: a, parameters: {weight: 1}}]\n"

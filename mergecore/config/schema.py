@@ -279,6 +279,9 @@ class _Checker:
         self.prefix = prefix
         self.method = method
         self.warnings: list[str] = []
+        # groups ("models", "slices[i]") that lost an entry to its own problem: their input
+        # count and base membership are not checked (that would blame the wrong thing)
+        self.incomplete: set[str] = set()
 
     def add(self, where: str, message: str) -> None:
         self.problems.add(f"{self.prefix}{where}" if where else self.prefix.rstrip(": "),
@@ -450,6 +453,7 @@ def _check_models(raw: Any, checker: _Checker) -> list[InputModel] | None:
     out = []
     for i, entry in enumerate(raw):
         where = f"models[{i}]"
+        checker.incomplete.add("models")  # until the entry is read
         if not isinstance(entry, dict):
             checker.add(where, "must be a mapping {model: PATH, parameters: {...}}")
             continue
@@ -461,6 +465,8 @@ def _check_models(raw: Any, checker: _Checker) -> list[InputModel] | None:
         params = checker.parameters(entry.get("parameters"), f"{where}.parameters", "model")
         if ref is not None:
             out.append(InputModel(ref, params))
+    if len(out) == len(raw):
+        checker.incomplete.discard("models")
     return out
 
 
@@ -511,6 +517,8 @@ def _check_slices(raw: Any, checker: _Checker) -> list[OutputSlice] | None:
             params = checker.parameters(src.get("parameters"), f"{swhere}.parameters", "model")
             if ref is not None and lr is not None:
                 sources.append(SliceSource(ref, lr, params))
+        if not sources_raw or len(sources) != len(sources_raw):
+            checker.incomplete.add(where)
         lengths = sorted({s.num_layers for s in sources})
         if len(lengths) > 1:
             checker.add(f"{where}.sources", "all sources of a slice must span the same number "
@@ -580,16 +588,21 @@ def _check_contract(cfg: MergeConfig, method: MethodSpec, checker: _Checker) -> 
         if cfg.models is not None and base is not None and base.ref not in seen:
             # mergekit adds a base model that is not listed as one more input
             inputs.append(("base_model", base, {}))
+        # where an entry was dropped (checker.incomplete), its own problem is reported, not
+        # the missing base or the input count that follow from it
         if method.needs_base:
             if base is None:
                 if not (checker.reported("base_model") or checker.reported(f"{where}.base_model")):
                     checker.add(where if cfg.slices is not None else "base_model",
                                 f"merge method {method.name} needs a base_model")
-            elif base.ref not in {ref.ref for _, ref, _ in inputs}:
+            elif (where not in checker.incomplete
+                  and base.ref not in {ref.ref for _, ref, _ in inputs}):
                 checker.add(where, f"the base model {base.ref!r} must be one of the sources "
                             f"of this slice for {method.name}")
         n = len(inputs)
-        if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+        if where not in checker.incomplete and (
+                n < method.min_inputs or (method.max_inputs is not None
+                                          and n > method.max_inputs)):
             want = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs
                     else f"at most {method.max_inputs}" if method.max_inputs is not None
                     else f"at least {method.min_inputs}")
