@@ -62,6 +62,26 @@ def test_a_dropped_input_is_not_also_blamed_as_a_count_or_a_missing_base(text, w
     assert len(probs) == 1 and probs[0].startswith(where + ":"), probs
 
 
+@pytest.mark.parametrize(("params", "where"), [
+    ("models: [{model: b, parameters: {weight: [{filter: mlp, value: 1}, 0.5]}}]\n",
+     "models[0].parameters.weight"),
+    ("models: [{model: b, parameters: 7}]\n", "models[0].parameters"),
+    ("models: [{model: b}]\nparameters: {weight: [{filter: mlp}]}\n", "parameters.weight[0]"),
+    (("slices:\n  - sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]\n"
+     "    parameters: {weight: .inf}\n"), "slices[0].parameters.weight"),
+])
+def test_a_rejected_parameter_is_not_also_called_missing(params, where):
+    probs = problems_of("merge_method: ties\nbase_model: a\n" + params)
+    assert len(probs) == 1 and probs[0].startswith(where + ":"), probs
+
+
+def test_a_rejected_parameter_does_not_hide_another_that_is_missing():
+    probs = problems_of("merge_method: ties\nbase_model: a\n"
+                        "models: [{model: b, parameters: {density: x}}]\n")
+    assert has(probs, "models[0].parameters.density", "not a number")
+    assert has(probs, "models[0]: missing required parameter 'weight'")
+
+
 @pytest.mark.parametrize("key", ["base_model", "slices[0].base_model"])
 def test_an_invalid_base_model_is_not_also_called_missing(key):
     where = ("base_model: -0.5\nmodels: [{model: a, parameters: {weight: 1}}]\n"

@@ -287,10 +287,23 @@ class _Checker:
         self.problems.add(f"{self.prefix}{where}" if where else self.prefix.rstrip(": "),
                           message)
 
-    def reported(self, where: str) -> bool:
-        """Whether a problem at key path ``where`` was already recorded."""
-        head = f"{self.prefix}{where}:"
-        return any(line.startswith(head) for line in self.problems)
+    def reported(self, where: str, *, nested: bool = True) -> bool:
+        """Whether a problem at key path ``where`` (or, with ``nested``, under it) was
+        already recorded."""
+        head = f"{self.prefix}{where}"
+        ends = (":", ".", "[") if nested else (":",)
+        return any(line.startswith(head) and line[len(head):len(head) + 1] in ends
+                   for line in self.problems)
+
+    def parameter_reported(self, name: str, *scopes: str) -> bool:
+        """Whether parameter ``name`` (or the whole ``parameters`` mapping) of one of the key
+        paths ``scopes`` ("" for the top level) already has a problem: then it is not also
+        called missing."""
+        for scope in scopes:
+            base = f"{scope}.parameters" if scope else "parameters"
+            if self.reported(f"{base}.{name}") or self.reported(base, nested=False):
+                return True
+        return False
 
     def warn(self, where: str, message: str) -> None:
         line = f"{self.prefix}{where}: {message}"
@@ -613,7 +626,9 @@ def _check_contract(cfg: MergeConfig, method: MethodSpec, checker: _Checker) -> 
             if not spec.required:
                 continue
             if spec.scope == GLOBAL:
-                if spec.name not in slice_params and spec.name not in top:
+                if spec.name not in slice_params and spec.name not in top and not \
+                        checker.parameter_reported(spec.name, where if cfg.slices is not None
+                                                   else "", ""):
                     checker.add(where if cfg.slices is not None else "parameters",
                                 f"missing required parameter {spec.name!r} of {method.name}")
                 continue
@@ -621,8 +636,10 @@ def _check_contract(cfg: MergeConfig, method: MethodSpec, checker: _Checker) -> 
                 if spec.scope == NON_BASE and method.needs_base and base is not None and \
                         ref.ref == base.ref:
                     continue
+                scopes = (ewhere, where if cfg.slices is not None else "", "")
                 if spec.name not in own and spec.name not in slice_params and \
-                        spec.name not in top:
+                        spec.name not in top and not checker.parameter_reported(spec.name,
+                                                                                *scopes):
                     why = (" (mergekit adds a base_model that is not listed under models: as "
                            "one more input; give it a weight at the top level or list it)"
                            if ewhere == "base_model" else "")
