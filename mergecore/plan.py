@@ -375,7 +375,7 @@ class _Planner:
     def groups(self) -> list[_Group]:
         cfg = self.config
         if cfg.models is not None:
-            sources = [self.source(m.model, 0, m.parameters, f"models[{i}]")
+            sources = [self.source(m.model, 0, m.parameters, m.where or f"models[{i}]")
                        for i, m in enumerate(cfg.models)]
             if cfg.base_model is not None and all(s is None or s.ref.ref != cfg.base_model.ref
                                                   for s in sources):
@@ -384,10 +384,10 @@ class _Planner:
         out = []
         for i, sl in enumerate(cfg.slices or []):
             sources = [self.source(s.model, s.layer_range[0], s.parameters,
-                                   f"slices[{i}].sources[{j}]")
+                                   s.where or f"slices[{i}].sources[{j}]")
                        for j, s in enumerate(sl.sources)]
-            out.append(self.group(f"slices[{i}]", sources, sl.base_model or cfg.base_model,
-                                  sl.parameters, sl.num_layers))
+            out.append(self.group(sl.where or f"slices[{i}]", sources,
+                                  sl.base_model or cfg.base_model, sl.parameters, sl.num_layers))
         return out
 
     # --- parameters ---

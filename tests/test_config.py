@@ -75,6 +75,23 @@ def test_a_rejected_parameter_is_not_also_called_missing(params, where):
     assert len(probs) == 1 and probs[0].startswith(where + ":"), probs
 
 
+def test_key_paths_count_entries_as_written_also_after_a_dropped_one():
+    """The third source is slices[1].sources[2] even when sources[1] could not be read."""
+    probs = problems_of("""
+        merge_method: ties
+        base_model: a
+        slices:
+          - sources: [{model: a, layer_range: [0, 2]}]
+          - sources:
+              - {model: a, layer_range: [2, 4]}
+              - {model: b, layer_range: [[], 4], parameters: {weight: 1}}
+              - {model: c, layer_range: [2, 4]}
+    """)
+    assert has(probs, "slices[1].sources[1].layer_range", "pair of integers")
+    assert has(probs, "slices[1].sources[2]: missing required parameter 'weight'", "'c'")
+    assert len(probs) == 2, probs
+
+
 def test_a_rejected_parameter_does_not_hide_another_that_is_missing():
     probs = problems_of("merge_method: ties\nbase_model: a\n"
                         "models: [{model: b, parameters: {density: x}}]\n")

@@ -96,6 +96,8 @@ class InputModel:
 
     model: ModelRef
     parameters: dict[str, Setting] = field(default_factory=dict)
+    #: its key path in the YAML (``models[2]``), for messages; "" when not read from YAML
+    where: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -105,6 +107,9 @@ class SliceSource:
     model: ModelRef
     layer_range: tuple[int, int]
     parameters: dict[str, Setting] = field(default_factory=dict)
+    #: its key path in the YAML (``slices[0].sources[2]``), for messages; "" when not read
+    #: from YAML
+    where: str = field(default="", compare=False, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -119,6 +124,8 @@ class OutputSlice:
     base_model: ModelRef | None = None
     parameters: dict[str, Setting] = field(default_factory=dict)
     residual_weight: float | None = None
+    #: its key path in the YAML (``slices[1]``), for messages; "" when not read from YAML
+    where: str = field(default="", compare=False, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -477,7 +484,7 @@ def _check_models(raw: Any, checker: _Checker) -> list[InputModel] | None:
         ref = checker.model_ref(entry["model"], f"{where}.model")
         params = checker.parameters(entry.get("parameters"), f"{where}.parameters", "model")
         if ref is not None:
-            out.append(InputModel(ref, params))
+            out.append(InputModel(ref, params, where))
     if len(out) == len(raw):
         checker.incomplete.discard("models")
     return out
@@ -529,7 +536,7 @@ def _check_slices(raw: Any, checker: _Checker) -> list[OutputSlice] | None:
             lr = _layer_range(src.get("layer_range"), f"{swhere}.layer_range", checker)
             params = checker.parameters(src.get("parameters"), f"{swhere}.parameters", "model")
             if ref is not None and lr is not None:
-                sources.append(SliceSource(ref, lr, params))
+                sources.append(SliceSource(ref, lr, params, swhere))
         if not sources_raw or len(sources) != len(sources_raw):
             checker.incomplete.add(where)
         lengths = sorted({s.num_layers for s in sources})
@@ -547,7 +554,7 @@ def _check_slices(raw: Any, checker: _Checker) -> list[OutputSlice] | None:
                 rw = None
             else:
                 checker.warn(f"{where}.residual_weight", "is ignored (as by mergekit)")
-        out.append(OutputSlice(sources, base, params, rw))
+        out.append(OutputSlice(sources, base, params, rw, where))
     return out
 
 
@@ -579,12 +586,12 @@ def _check_contract(cfg: MergeConfig, method: MethodSpec, checker: _Checker) -> 
     tells (per-tensor gaps left by filters are found by the planner)."""
     top = cfg.parameters
     if cfg.models is not None:
-        groups = [("models", cfg.models and [(f"models[{i}]", m.model, m.parameters)
+        groups = [("models", cfg.models and [(m.where or f"models[{i}]", m.model, m.parameters)
                                              for i, m in enumerate(cfg.models)], cfg.base_model,
                    {})]
     else:
-        groups = [(f"slices[{i}]", [(f"slices[{i}].sources[{j}]", s.model, s.parameters)
-                                    for j, s in enumerate(sl.sources)],
+        groups = [(sl.where or f"slices[{i}]", [(s.where or f"slices[{i}].sources[{j}]", s.model,
+                                                 s.parameters) for j, s in enumerate(sl.sources)],
                    sl.base_model or cfg.base_model, sl.parameters)
                   for i, sl in enumerate(cfg.slices or [])]
     for where, entries, base, slice_params in groups:
