@@ -18,6 +18,9 @@ combinations no hand-written test lists.
   mergekit rounds to bf16 after every operation and breaks TIES ties otherwise, so per
   tensor at least 50% and overall at least 90% of elements within 1 ulp. A misread
   parameter (a filter, a gradient, precedence) is off on most elements of its tensors.
+- Against ``mergecore mergekit-yaml`` (mergekit's own YAML reading and planning, mergecore's
+  kernels): per tensor at least 99% within 1 ulp in that coarser dtype, which finds a
+  parameter read even slightly differently from mergekit.
 """
 
 from __future__ import annotations
@@ -127,6 +130,16 @@ def test_random_config_cpu_equals_reference_and_agrees_with_mergekit(runs, i, mo
     theirs = {k: v.to(coarse) if v.is_floating_point() else v for k, v in mk.items()}
     report = compare_outputs(ours, theirs, min_within_1ulp=0.5, check=False)
     assert report.ok and report.overall_within_1ulp >= 0.9, (report.format(3), cfg)
+    # mergekit's own YAML handling (parameter resolution, filters, gradients, slices, LoRA)
+    # with mergecore's kernels: the same arithmetic as ours, so a much tighter check of how
+    # the YAML was read
+    out = case["work"] / "mergekit-mergecore"
+    assert main(["mergekit-yaml", str(case["work"] / "config.yml"), str(out),
+                 "--lora-merge-cache", str(case["work"].parent / "mergekit-lora-cache")]) == 0
+    planned = {k: v.to(coarse) if v.is_floating_point() else v
+               for k, v in load_state(out).items()}
+    compare_outputs({k: v for k, v in ours.items() if k in planned}, planned,
+                    min_within_1ulp=0.99)
 
 
 def _walk(node):
