@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergecore.checksums import file_sha256, hash_files
+from mergecore.checksums import hash_files
 from mergecore.config.layout import config_vocab_size
 from mergecore.io.errors import SafetensorsError
 from mergecore.io.safetensors_format import read_header
@@ -158,29 +158,21 @@ def _read_manifest(out_dir: Path, report: VerifyReport) -> dict[str, Any] | None
     return doc
 
 
-def _check_manifest(out_dir: Path, doc: dict[str, Any], files: list[str],
-                    report: VerifyReport, checksums: bool, quiet: bool = True) -> None:
-    entries = {e["file"]: e for e in doc["shards"]
-               if isinstance(e, dict) and isinstance(e.get("file"), str)}
-    if set(entries) != set(files):
-        report.failed(f"{MANIFEST_NAME} lists shards {sorted(map(str, entries))}, the "
-                      f"weights use {files}")
+def _compare_with_records(out_dir: Path, records: dict[str, dict[str, Any]],
+                          report: VerifyReport, checksums: bool, quiet: bool) -> list[str]:
+    """Compare files of ``out_dir`` (present) with their manifest records: the size (when
+    recorded), then, with ``checksums``, the sha256 (hashed four at a time, with a progress
+    bar on a terminal unless ``quiet``). Mismatches are reported; returns the names that
+    match."""
+    matching: list[str] = []
     to_hash: list[str] = []
-    for name in sorted(set(entries) & set(files)):
-        entry = entries[name]
-        path = out_dir / name
-        if not entry.get("done"):
-            report.failed(f"{name}: the manifest does not record it as complete")
-            continue
-        if not path.is_file():
-            continue  # reported by the weights check
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            report.failed(f"{name}: {size} bytes, the manifest records {entry.get('bytes')}")
-            continue
-        if not checksums:
-            continue
-        if entry.get("sha256") is None:
+    for name, entry in sorted(records.items()):
+        size = (out_dir / name).stat().st_size
+        if entry.get("bytes") is not None and size != entry["bytes"]:
+            report.failed(f"{name}: {size} bytes, the manifest records {entry['bytes']}")
+        elif not checksums:
+            matching.append(name)
+        elif entry.get("sha256") is None:
             report.note(f"{name}: no checksum recorded")
         else:
             to_hash.append(name)
@@ -189,10 +181,29 @@ def _check_manifest(out_dir: Path, doc: dict[str, Any], files: list[str],
     for name, digest in zip(to_hash, digests):
         if digest is None:
             report.failed(f"{name}: cannot be read")
-        elif digest != entries[name]["sha256"]:
+        elif digest != records[name]["sha256"]:
             report.failed(f"{name}: sha256 differs from the manifest (the file was changed "
                           "or corrupted)")
         else:
+            matching.append(name)
+    return matching
+
+
+def _check_manifest(out_dir: Path, doc: dict[str, Any], files: list[str],
+                    report: VerifyReport, checksums: bool, quiet: bool = True) -> None:
+    entries = {e["file"]: e for e in doc["shards"]
+               if isinstance(e, dict) and isinstance(e.get("file"), str)}
+    if set(entries) != set(files):
+        report.failed(f"{MANIFEST_NAME} lists shards {sorted(map(str, entries))}, the "
+                      f"weights use {files}")
+    complete = {}
+    for name in sorted(set(entries) & set(files)):
+        if not entries[name].get("done"):
+            report.failed(f"{name}: the manifest does not record it as complete")
+        elif (out_dir / name).is_file():  # a missing one: reported by the weights check
+            complete[name] = entries[name]
+    for name in _compare_with_records(out_dir, complete, report, checksums, quiet):
+        if checksums:
             report.passed(f"{name}: sha256 matches the manifest")
 
 
@@ -206,7 +217,7 @@ def _recorded_side_files(doc: dict[str, Any] | None) -> dict[str, dict[str, Any]
 
 
 def _check_side_files(out_dir: Path, doc: dict[str, Any], report: VerifyReport,
-                      checksums: bool) -> None:
+                      checksums: bool, quiet: bool = True) -> None:
     """Every side file the manifest records (config.json, tokenizer, card, YAML) and the
     index: present, and of the recorded size and sha256."""
     recorded = _recorded_side_files(doc)
@@ -214,37 +225,19 @@ def _check_side_files(out_dir: Path, doc: dict[str, Any], report: VerifyReport,
         report.note(f"{MANIFEST_NAME} records no side files (written by an older mergecore): "
                     "config.json, the tokenizer and the index not checked against it")
         return
+    present = {}
+    for name, entry in recorded.items():
+        if os.sep not in name and (out_dir / name).is_file():
+            present[name] = entry
+        elif name != "config.json":  # _check_config reports a missing config.json
+            report.failed(f"{name}: written by the merge, but missing")
     index, index_sha = doc.get("index"), doc.get("index_sha256")
-    if checksums and isinstance(index, str) and isinstance(index_sha, str) \
-            and (out_dir / index).is_file():
-        if file_sha256(out_dir / index) != index_sha:
-            report.failed(f"{index}: sha256 differs from the manifest (the file was changed "
-                          "after the merge)")
-        else:
-            report.passed(f"{index}: sha256 matches the manifest")
-    good = []
-    for name, entry in sorted(recorded.items()):
-        path = out_dir / name
-        if os.sep in name or not path.is_file():
-            if name != "config.json":  # _check_config reports a missing config.json
-                report.failed(f"{name}: written by the merge, but missing")
-            continue
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            report.failed(f"{name}: {size} bytes, the manifest records {entry.get('bytes')} "
-                          "(the file was changed after the merge)")
-            continue
-        if checksums:
-            try:
-                digest = file_sha256(path)
-            except OSError as exc:
-                report.failed(f"{name}: cannot be read ({exc.strerror or exc})")
-                continue
-            if digest != entry.get("sha256"):
-                report.failed(f"{name}: sha256 differs from the manifest (the file was "
-                              "changed after the merge)")
-                continue
-        good.append(name)
+    if (checksums and isinstance(index, str) and isinstance(index_sha, str)
+            and os.sep not in index and (out_dir / index).is_file()
+            and _compare_with_records(out_dir, {index: {"sha256": index_sha}}, report, True,
+                                      True)):
+        report.passed(f"{index}: sha256 matches the manifest")
+    good = _compare_with_records(out_dir, present, report, checksums, quiet)
     if good:
         what = "sha256 and size match" if checksums else "sizes match"
         report.passed(f"side files: {what} the manifest ({', '.join(good)})")
@@ -371,7 +364,7 @@ def verify_output(out_dir: str | os.PathLike, *, checksums: bool = True,
     doc = _read_manifest(out_dir, report) if files else None
     if doc is not None:
         _check_manifest(out_dir, doc, files, report, checksums, quiet)
-        _check_side_files(out_dir, doc, report, checksums)
+        _check_side_files(out_dir, doc, report, checksums, quiet)
     if files:
         _check_unknown_files(out_dir, files, doc, report)
     _check_config(out_dir, report)
