@@ -439,7 +439,18 @@ def test_multi_document_problems():
     """)
     assert has(probs, "two documents have the name 't'")
     assert has(probs, "several documents have no 'name:'")
-    assert has(probs, "document 5", "models[0]", "missing required parameter 'weight'")
+    assert has(probs, "document 5: models[0]", "missing required parameter 'weight'")
+    assert not has(probs, "(final)")  # several unnamed documents: none is called the final
+    final = problems_of("""
+        name: s
+        merge_method: linear
+        models: [{model: a, parameters: {weight: 1}}]
+        ---
+        merge_method: linear
+        models: [{model: s, parameters: {weight: 1}}]
+        dtyp: float16
+    """)
+    assert final == ["document 2 (final): dtyp: unknown key (did you mean 'dtype'?)"]
     cyc = problems_of("""
         name: s
         merge_method: linear

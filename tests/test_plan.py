@@ -686,7 +686,7 @@ def test_a_document_that_uses_a_stage_is_checked_against_the_stages_output(tmp_p
     with pytest.raises(ConfigError) as info:
         load_config(path)
     probs = info.value.problems
-    assert has(probs, "tokenizer_sauce")
+    assert has(probs, "document 3 (name: stage3): tokenizer_sauce")  # labelled as below
     assert has(probs, "document 2 (final)", "slices[0].sources[0].layer_range",
                "[1, 4) is out of bounds", "'stage1' has 3 layers")
     assert has(probs, "document 3 (name: stage3)", "shapes differ", "'stage1'", f"'{wide}'")

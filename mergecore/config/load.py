@@ -73,7 +73,7 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
     resolve (a density that keeps nothing). Parameters that do not resolve are left to the
     YAML check. Reads no tensor data.
     """
-    from mergecore.config.schema import stage_order
+    from mergecore.config.schema import document_label, stage_order
     from mergecore.plan import build_plan, structure_problems
     from mergecore.recipes.graph import stage_checkpoint
 
@@ -90,16 +90,13 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
     checkpoints = open_checkpoints(refs, problems)
     configs = [c for _, c in parsed if c is not None]
     raw_of = {id(c): raw for raw, c in parsed if c is not None}
+    unnamed = sum(c is None or c.name is None for _, c in parsed)
+    labels = {id(c): document_label(i, c.name, final=unnamed == 1)
+              for i, (_, c) in enumerate(parsed) if c is not None}
     try:
         ordered = stage_order(configs)
     except (ConfigError, KeyError):  # a cycle or a repeated name: the YAML check says so
         ordered = [c for c in configs if not any(r.path in stages for r in c.models_to_open())]
-
-    def label(cfg: MergeConfig) -> str | None:  # as the recipe planner names documents
-        if len(configs) == 1:
-            return None
-        return (f"document {configs.index(cfg) + 1} "
-                f"({f'name: {cfg.name}' if cfg.name else 'final'})")
 
     stage_plans: dict[str, MergePlan] = {}
     for cfg in ordered:
@@ -112,7 +109,7 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
         for ref in used:
             known[ref.path] = stage_checkpoint(ref.path, stage_plans[ref.path])
         for line in structure_problems(cfg, known, allow_crimes=allow_crimes):
-            problems.add(label(cfg), line)
+            problems.add(labels[id(cfg)] if len(parsed) > 1 else None, line)
         if cfg.name is not None and all(ref.path in known for ref in cfg.models_to_open()):
             try:  # what later documents see of this stage
                 plan = build_plan(cfg, known, allow_crimes=allow_crimes)

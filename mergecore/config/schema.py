@@ -669,6 +669,15 @@ def parse_documents(text: str, source: str | None = None) -> list[MergeConfig]:
     return [c for _, c in parsed if c is not None]
 
 
+def document_label(index: int, name: str | None, *, final: bool = True) -> str:
+    """How problems name document ``index`` (0-based) of a multi-stage recipe:
+    ``document 2 (name: stage2)``, or ``document 3 (final)`` for the unnamed one (without
+    "(final)" when ``final`` is false: several documents lack a name)."""
+    if name is not None:
+        return f"document {index + 1} (name: {name})"
+    return f"document {index + 1}" + (" (final)" if final else "")
+
+
 def parse_documents_leniently(text: str, source: str | None = None
                               ) -> tuple[list[tuple[Any, MergeConfig | None]], Problems]:
     """``parse_documents`` without raising for the documents' own problems.
@@ -680,11 +689,13 @@ def parse_documents_leniently(text: str, source: str | None = None
     docs = _load_yaml_documents(text, source)
     problems = Problems()
     configs: list[MergeConfig | None] = []
-    for i, raw in enumerate(docs):
+    names = [raw.get("name") if isinstance(raw, dict) else None for raw in docs]
+    unnamed = sum(not isinstance(n, str) for n in names)
+    for i, (raw, name) in enumerate(zip(docs, names)):
         label = ""
         if len(docs) > 1:
-            name = raw.get("name") if isinstance(raw, dict) else None
-            label = f"document {i + 1}" + (f" (name: {name})" if isinstance(name, str) else "")
+            label = document_label(i, name if isinstance(name, str) else None,
+                                   final=unnamed == 1)
         configs.append(_check_document(raw, label, problems))
     if len(docs) > 1:
         _check_stages([c for c in configs if c is not None], problems)

@@ -31,7 +31,13 @@ from pathlib import Path
 
 from mergecore.config.errors import ConfigError, Problems
 from mergecore.config.load import open_checkpoints
-from mergecore.config.schema import MergeConfig, ModelRef, load_config, stage_dependencies
+from mergecore.config.schema import (
+    MergeConfig,
+    ModelRef,
+    document_label,
+    load_config,
+    stage_dependencies,
+)
 from mergecore.io.types import Checkpoint, TensorInfo
 from mergecore.plan import (
     MergePlan,
@@ -197,8 +203,7 @@ def stage_checkpoint(name: str, plan: MergePlan) -> Checkpoint:
 
 
 def _labels(configs: list[MergeConfig]) -> dict[str | None, str]:
-    return {c.name: f"document {i + 1}" + (f" (name: {c.name})" if c.name else " (final)")
-            for i, c in enumerate(configs)}
+    return {c.name: document_label(i, c.name) for i, c in enumerate(configs)}
 
 
 def final_document(configs: list[MergeConfig]) -> MergeConfig:
