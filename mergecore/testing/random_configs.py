@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from mergecore.config.schema import model_strings
+
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "breadcrumbs", "breadcrumbs_ties",
            "dare_linear", "dare_ties", "passthrough")
 FILTERS = ("self_attn", "mlp", "q_proj", "norm", "embed")
@@ -132,17 +134,7 @@ def random_config(rng: random.Random, base: str, fine_tunes: list[str], layers: 
 
 def _model_paths(node: Any) -> set[str]:
     """The model paths (``+adapter`` dropped) a config document names."""
-    found: set[str] = set()
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("model", "base_model") and isinstance(value, str):
-                found.add(value.partition("+")[0])
-            else:
-                found |= _model_paths(value)
-    elif isinstance(node, list):
-        for value in node:
-            found |= _model_paths(value)
-    return found
+    return {ref.partition("+")[0] for ref in model_strings(node)}
 
 
 def random_recipe(rng: random.Random, base: str, fine_tunes: list[str], layers: int,

@@ -26,6 +26,7 @@ def stage_by_stage(docs: list[dict[str, Any]], work: Path,
     returns ``{stage name (None for the final document): output directory}``. Raises
     ``RuntimeError`` naming the stage when a merge fails."""
     from mergecore.cli import main
+    from mergecore.config.schema import model_strings
 
     names = {d["name"] for d in docs if "name" in d}
     done: dict[str | None, Path] = {}
@@ -42,20 +43,7 @@ def stage_by_stage(docs: list[dict[str, Any]], work: Path,
         return value
 
     def uses(doc: dict[str, Any]) -> set[str]:
-        found: set[str] = set()
-
-        def walk(v: Any) -> None:
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    if k in ("model", "base_model") and isinstance(x, str):
-                        found.add(x.partition("+")[0])
-                    else:
-                        walk(x)
-            elif isinstance(v, list):
-                for x in v:
-                    walk(x)
-        walk(doc)
-        return found & names
+        return {ref.partition("+")[0] for ref in model_strings(doc)} & names
 
     pending = list(docs)
     while pending:
