@@ -27,6 +27,8 @@ ParallelCompile("MERGECORE_BUILD_JOBS", default=0).install()
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = sorted(os.path.relpath(p, HERE) for p in glob(os.path.join(HERE, "csrc", "*.cpp")))
+# the headers: an edit to one rebuilds the module (build_ext compares only sources otherwise)
+HEADERS = sorted(os.path.relpath(p, HERE) for p in glob(os.path.join(HERE, "csrc", "*.h")))
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
 
@@ -75,6 +77,7 @@ ext_modules = [
     Pybind11Extension(
         "mergecore._C",
         SOURCES,
+        depends=HEADERS,
         include_dirs=["csrc"],
         define_macros=_clone_macros(),
         extra_compile_args=list(BASE_FLAGS),

@@ -180,18 +180,29 @@ MC_INLINE void store_f32(void* dst, int dtype, size_t start, size_t count, const
 }
 
 // NaN/Inf values (exponent field all ones) among elements [start, start + count) of a
-// (dtype, pointer) tensor: used to check a tile just stored, while it is in L1.
+// (dtype, pointer) tensor: used to check a tile just stored, while it is in L1. Counted in
+// chunks with counters as narrow as the elements (uint32 for fp32, uint16 for 16-bit), so the
+// loop stays in vector lanes of the element width; widening every flag to 64 bits cost about
+// a sixth of the linear kernel's time on an AVX2 CPU.
 MC_INLINE uint64_t count_nonfinite(const void* p, int dtype, size_t start, size_t count) {
-  uint64_t c = 0;
-  if (dtype == F32) {
-    const uint32_t* u = static_cast<const uint32_t*>(p) + start;
-    for (size_t t = 0; t < count; ++t) c += (u[t] & 0x7F800000u) == 0x7F800000u;
-  } else {
-    const uint16_t* u = static_cast<const uint16_t*>(p) + start;
-    const uint16_t m = dtype == F16 ? 0x7C00u : 0x7F80u;
-    for (size_t t = 0; t < count; ++t) c += (u[t] & m) == m;
+  constexpr size_t CHUNK = 32768;  // < 2^16: a uint16 counter cannot overflow
+  uint64_t total = 0;
+  for (size_t c0 = 0; c0 < count; c0 += CHUNK) {
+    const size_t n = count - c0 < CHUNK ? count - c0 : CHUNK;
+    if (dtype == F32) {
+      const uint32_t* u = static_cast<const uint32_t*>(p) + start + c0;
+      uint32_t c = 0;
+      for (size_t t = 0; t < n; ++t) c += (u[t] & 0x7F800000u) == 0x7F800000u ? 1u : 0u;
+      total += c;
+    } else {
+      const uint16_t* u = static_cast<const uint16_t*>(p) + start + c0;
+      const uint16_t m = dtype == F16 ? 0x7C00u : 0x7F80u;
+      uint16_t c = 0;
+      for (size_t t = 0; t < n; ++t) c = static_cast<uint16_t>(c + ((u[t] & m) == m ? 1u : 0u));
+      total += c;
+    }
   }
-  return c;
+  return total;
 }
 
 // A tensor operand: data pointer and dtype code (pointer may be null for "no base").
