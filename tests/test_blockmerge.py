@@ -6,6 +6,8 @@ other, in float64; lm_head / embed_tokens keep model 1's vocabulary."""
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,11 @@ import torch
 import yaml
 
 from mergecore.config import ConfigError, load_merge, parse_documents, stage_dependencies
-from mergecore.config.blockmerge import BlockMergeOperation, operation_ratios
+from mergecore.config.blockmerge import (
+    BlockMergeOperation,
+    architecture_tensor_order,
+    operation_ratios,
+)
 from mergecore.merge import MergeOptions, run_merge
 from mergecore.synthetic import make_family
 from mergecore.testing.mergekit_harness import load_state, ulp_diff
@@ -40,7 +46,7 @@ def family(tmp_path_factory) -> list[Path]:
 
 def state_dict_order(model_dir: Path) -> list[str]:
     config = transformers.AutoConfig.from_pretrained(model_dir)
-    return list(transformers.LlamaForCausalLM(config).state_dict())
+    return list(getattr(transformers, config.architectures[0])(config).state_dict())
 
 
 def direct_ratios(op: dict, order: list[str]) -> list[tuple[str, float]]:
@@ -67,6 +73,8 @@ def direct_blend(model1: Path, model2: Path, operations: list[dict]) -> dict[str
     order = state_dict_order(model1)
     for op in operations:
         for key, r in direct_ratios(op, order):
+            if key not in state:  # in state_dict() but not in the files: a tied lm_head
+                continue
             a, b = state[key], other[key]
             if key in ("lm_head.weight", "model.embed_tokens.weight"):
                 n = min(a.shape[0], b.shape[0])
@@ -180,3 +188,177 @@ def test_blockmerge_document_can_be_a_stage_of_a_recipe(family):
     docs = parse_documents(text)
     assert docs[1].merge_method == "linear" and docs[1].blockmerge is not None
     assert stage_dependencies(docs) == {"p1": [], None: ["p1"]}
+
+
+# ----- tensor names the architecture's order does not hold ---------------------------------------
+
+
+def _rewrite_tensors(model_dir: Path, out: Path, edit) -> Path:
+    """A copy of ``model_dir`` whose ``model.safetensors`` holds ``edit(tensors)``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    tensors = edit(load_file(str(out / "model.safetensors")))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _composed_shares(order: list[str], operations: list[dict]) -> dict[str, float]:
+    keep1 = dict.fromkeys(order, 1.0)  # blending r after r leaves prod(1 - r) of model 1
+    for op in operations:
+        for name, r in direct_ratios(op, order):
+            keep1[name] *= 1.0 - r
+    return {name: 1.0 - k for name, k in keep1.items()}
+
+
+RENAMED = ("model.layers.1.mlp.up_proj.weight", "model.layers.1.block_sparse_moe.w3.weight")
+
+
+def test_tensor_missing_from_the_architecture_order_is_an_error(family, tmp_path):
+    """A checkpoint tensor that the installed transformers' state_dict() does not name (here
+    one renamed consistently in both models) has no known position: the merge stops before
+    reading any tensor, naming the key, the file, the architecture and the tensor."""
+    def rename(tensors):
+        tensors[RENAMED[1]] = tensors.pop(RENAMED[0])
+        return tensors
+
+    m1 = _rewrite_tensors(family[0], tmp_path / "m1", rename)
+    m2 = _rewrite_tensors(family[1], tmp_path / "m2", rename)
+    doc = {"model_path1": str(m1), "model_path2": str(m2), "operations": OPERATIONS}
+    with pytest.raises(ConfigError) as info:
+        _merge(doc, tmp_path, "out")
+    (problem,) = [p for p in info.value.problems if "tensor order" in p]
+    for needle in ("model_path1", str(m1), "LlamaForCausalLM", RENAMED[1],
+                   "tensor order cannot be known", "gradient positions would be wrong"):
+        assert needle in problem, needle
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixtral_experts_renamed_by_transformers_are_an_error(tmp_path):
+    """transformers 5 fuses Mixtral's experts in state_dict() (``mlp.experts.gate_up_proj``)
+    while the files keep ``block_sparse_moe.experts.E.w1.weight``: an error, not a merge
+    that silently keeps model 1's experts."""
+    config = transformers.MixtralConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1, vocab_size=32,
+        max_position_embeddings=64, tie_word_embeddings=False,
+        architectures=["MixtralForCausalLM"])
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        d = tmp_path / f"mixtral{seed}"
+        transformers.MixtralForCausalLM(config).save_pretrained(str(d))
+        dirs.append(d)
+    from safetensors import safe_open
+
+    with safe_open(str(dirs[0] / "model.safetensors"), "pt") as f:
+        files = set(f.keys())
+    unordered = sorted(files - set(state_dict_order(dirs[0])))
+    if not unordered:
+        pytest.skip("the installed transformers names Mixtral's tensors as the files do")
+    doc = {"model_path1": str(dirs[0]), "model_path2": str(dirs[1]),
+           "operations": [{"operation": "all", "gradient_values": [0.2, 0.8]}]}
+    with pytest.raises(ConfigError) as info:
+        _merge(doc, tmp_path, "out")
+    text = str(info.value)
+    assert "MixtralForCausalLM" in text and "tensor order cannot be known" in text
+    assert any(name in text for name in unordered)
+    assert not (tmp_path / "out").exists()
+
+
+def test_buffers_and_int_tensors_outside_the_order_are_no_error(family, tmp_path):
+    """Old checkpoints hold a per-layer ``rotary_emb.inv_freq`` (float) and a persistent
+    ``position_ids`` (int): transformers drops them on load, so no operation blends them;
+    they keep model 1's values and the other tensors get the usual ratios."""
+    extra = "model.layers.0.self_attn.rotary_emb.inv_freq"
+
+    def add(tensors):
+        tensors[extra] = 1.0 / 10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8)
+        tensors["model.position_ids"] = torch.arange(64, dtype=torch.int64)[None]
+        return tensors
+
+    m1 = _rewrite_tensors(family[0], tmp_path / "m1", add)
+    m2 = _rewrite_tensors(family[1], tmp_path / "m2", add)
+    doc = {"model_path1": str(m1), "model_path2": str(m2), "out_dtype": "float32",
+           "operations": OPERATIONS}
+    out = load_state(_merge(doc, tmp_path, "out"))
+    s1 = load_state(m1)
+    assert torch.equal(out[extra], s1[extra])
+    assert torch.equal(out["model.position_ids"], s1["model.position_ids"])
+    expect = direct_blend(family[0], family[1], OPERATIONS)
+    for name, exact in expect.items():
+        assert torch.allclose(out[name].double(), exact, rtol=1e-6, atol=1e-7), name
+
+
+# ----- tied embeddings ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory) -> list[Path]:
+    """Gemma ties lm_head to embed_tokens: lm_head.weight is in state_dict(), not in the files."""
+    root = tmp_path_factory.mktemp("blockmerge_tied")
+    return make_family(root, arch="gemma", n_models=2, layers=3, hidden=32, vocab=64,
+                       dtype="float32", seed=5)
+
+
+def test_tied_embedding_model_merges_with_the_rule_s_ratios(tied_family, tmp_path):
+    m1, m2 = tied_family
+    order = state_dict_order(m1)
+    files = set(load_state(m1))
+    assert "lm_head.weight" in order and "lm_head.weight" not in files
+    assert files <= set(order)
+    doc = {"model_path1": str(m1), "model_path2": str(m2), "out_dtype": "float32",
+           "operations": OPERATIONS}
+    path = tmp_path / "tied.yml"
+    path.write_text(yaml.safe_dump(doc))
+    share2 = _composed_shares(order, OPERATIONS)  # lm_head counts in its section
+    plan = load_merge(path)
+    assert {t.name for t in plan.tensors} == files
+    for t in plan.tensors:
+        w1, w2 = t.input_params["weight"]
+        assert w2 == pytest.approx(share2[t.name], abs=1e-12), t.name
+        assert w1 + w2 == pytest.approx(1.0, abs=1e-12)
+    out = load_state(_merge(doc, tmp_path, "out"))
+    expect = direct_blend(m1, m2, OPERATIONS)
+    assert out.keys() == expect.keys() == files
+    for name, exact in expect.items():
+        assert torch.allclose(out[name].double(), exact, rtol=1e-6, atol=1e-7), name
+
+
+# ----- when the order cannot be known ------------------------------------------------------------
+
+
+def test_order_needs_architectures_and_model_type(family, tmp_path):
+    for config in (None, {}, {"model_type": "llama"}, {"architectures": ["LlamaForCausalLM"]}):
+        with pytest.raises(ConfigError, match="names no architectures / model_type") as info:
+            architecture_tensor_order(config, "model_path1 'm'")
+        assert "model_path1 'm'" in str(info.value)
+    # through a merge: model 1's config.json lost its architectures
+    m1 = tmp_path / "m1"
+    shutil.copytree(family[0], m1)
+    cfg = json.loads((m1 / "config.json").read_text())
+    del cfg["architectures"]
+    (m1 / "config.json").write_text(json.dumps(cfg))
+    doc = {"model_path1": str(m1), "model_path2": str(family[1]), "operations": OPERATIONS}
+    with pytest.raises(ConfigError, match="names no architectures") as info:
+        _merge(doc, tmp_path, "out")
+    assert f"model_path1 {str(m1)!r}" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_order_of_an_unknown_class_or_model_type_is_an_error(family):
+    config = json.loads((family[0] / "config.json").read_text())
+    with pytest.raises(ConfigError, match="cannot learn the tensor order of NoSuchForCausalLM "
+                       "from transformers: transformers has no class 'NoSuchForCausalLM'"):
+        architecture_tensor_order({**config, "architectures": ["NoSuchForCausalLM"]}, "here")
+    with pytest.raises(ConfigError, match="here: cannot learn the tensor order of "
+                       "LlamaForCausalLM from transformers"):
+        architecture_tensor_order({**config, "model_type": "no_such_model_type"}, "here")
+
+
+def test_order_without_transformers_says_how_to_install_it(family, monkeypatch):
+    config = json.loads((family[0] / "config.json").read_text())
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
+    with pytest.raises(ConfigError, match="needs transformers to learn the tensor order of "
+                       "LlamaForCausalLM: pip install transformers"):
+        architecture_tensor_order(config, "here")

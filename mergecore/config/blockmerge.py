@@ -23,6 +23,10 @@ result of the previous one, so a tensor reached by ratios ``r_1 .. r_k`` ends as
 ``(1 - R) * model1 + R * model2`` with ``R = 1 - prod(1 - r_j)``: that ``R`` becomes the
 tensor's weight in one ``linear`` merge (``normalize: false``), computed in float32 and
 rounded once. Tensors no operation reaches keep model 1's values (weight ``R = 0``).
+A floating-point tensor of model 1 that the order does not hold (say, MoE experts that the
+installed transformers fuses and renames) is an error: its position, and so the sections,
+cannot be known. Buffers and names transformers drops on load are not blended (``R = 0``);
+names of the order that the files lack (a tied ``lm_head``) still count in the sections.
 ``lm_head`` / ``embed_tokens`` of different vocabularies: the output has model 1's rows;
 the shared rows are blended, model 1's extra rows kept, model 2's extra rows dropped
 (``MergeConfig.vocab_rows = "first"``).
@@ -36,6 +40,7 @@ conditional per tensor name, longest names first, so each name matches only its 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -115,9 +120,53 @@ def blend_weights(ops: Sequence[BlockMergeOperation], names: Sequence[str]) -> d
     return {name: 1.0 - k for name, k in keep1.items()}
 
 
-def architecture_tensor_order(config: Mapping[str, Any] | None, where: str) -> list[str]:
-    """Tensor names in the order of the model class's ``state_dict()``: the transformers
-    class named by ``config["architectures"][0]``, built on the meta device (no memory).
+@dataclass(frozen=True)
+class ArchitectureOrder:
+    """What the model class says about tensor names: ``names`` in ``state_dict()`` order, and
+    which other names a checkpoint may legitimately hold (see :meth:`ignorable`)."""
+
+    arch: str
+    names: tuple[str, ...]
+    #: every buffer of the class (persistent or not) - e.g. ``inv_freq``, causal masks
+    buffers: frozenset[str] = frozenset()
+    #: the patterns transformers drops from a checkpoint when it loads one into the class
+    #: (``_keys_to_ignore_on_load_unexpected``, old per-layer ``rotary_emb.inv_freq``, old
+    #: persistent ``position_ids``): None when there are none
+    ignore_unexpected: re.Pattern[str] | None = None
+
+    def ignorable(self, name: str) -> bool:
+        """Whether a checkpoint tensor outside ``names`` is legitimately there: a buffer of
+        the class or a name transformers itself ignores on load. The script never sees such
+        a tensor in ``state_dict()``, so no operation blends it; it keeps model 1's values."""
+        return name in self.buffers or (self.ignore_unexpected is not None
+                                        and self.ignore_unexpected.search(name) is not None)
+
+    def unordered(self, tensors: Mapping[str, Any]) -> list[str]:
+        """The floating-point checkpoint tensors (``{name: TensorInfo}``) whose position in
+        the order cannot be known: not in ``names`` and not :meth:`ignorable`."""
+        known = set(self.names)
+        return [n for n, info in tensors.items()
+                if n not in known and getattr(info, "is_float", True) and not self.ignorable(n)]
+
+
+def _ignore_pattern(model: Any) -> re.Pattern[str] | None:
+    """The regex of checkpoint names transformers ignores when loading into ``model``
+    (``PreTrainedModel._adjust_missing_and_unexpected_keys``)."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [name for name, _ in model.named_buffers()]
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    if not patterns:
+        return None
+    return re.compile("|".join(f"({p})" for p in sorted(patterns)))
+
+
+def architecture_order(config: Mapping[str, Any] | None, where: str) -> ArchitectureOrder:
+    """The transformers class named by ``config["architectures"][0]``, built on the meta
+    device (no memory): its ``state_dict()`` names in order, its buffers and the names it
+    ignores on load.
 
     Raises ``ConfigError`` (naming ``where``) when the order cannot be known.
     """
@@ -137,7 +186,9 @@ def architecture_tensor_order(config: Mapping[str, Any] | None, where: str) -> l
         hf_config = transformers.AutoConfig.for_model(config["model_type"], **fields)
         with torch.device("meta"):
             model = cls(hf_config)
-        return list(model.state_dict().keys())
+        return ArchitectureOrder(arch, tuple(model.state_dict().keys()),
+                                 frozenset(name for name, _ in model.named_buffers()),
+                                 _ignore_pattern(model))
     except ImportError:
         raise ConfigError(f"{where}: BlockMerge_Gradient needs transformers to learn the "
                           f"tensor order of {arch}: pip install transformers") from None
@@ -146,15 +197,51 @@ def architecture_tensor_order(config: Mapping[str, Any] | None, where: str) -> l
                           f"transformers: {exc}") from None
 
 
+def architecture_tensor_order(config: Mapping[str, Any] | None, where: str) -> list[str]:
+    """Tensor names in the order of the model class's ``state_dict()`` (see
+    :func:`architecture_order`). Raises ``ConfigError`` (naming ``where``) when the order
+    cannot be known."""
+    return list(architecture_order(config, where).names)
+
+
+def _unordered_problem(where: str, ckpt: Any, order: ArchitectureOrder,
+                       missing: Sequence[str]) -> str:
+    try:
+        import transformers
+
+        version = f" {transformers.__version__}"
+    except ImportError:  # pragma: no cover - architecture_order needed it
+        version = ""
+    examples = ", ".join(repr(n) for n in missing[:3])
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    files = "its files" if str(ckpt.path) in where else str(ckpt.path)
+    return (f"{where}: {len(missing)} tensor(s) of {files} are not in the tensor order "
+            f"of {order.arch} (the state_dict() of the installed transformers{version}), e.g. "
+            f"{examples}{more}: the architecture's tensor order cannot be known for these "
+            "names (the installed transformers names them differently, e.g. it fuses or "
+            "renames them on load), so BlockMerge_Gradient's gradient positions would be "
+            "wrong")
+
+
 def resolve_blockmerge(config: MergeConfig, checkpoints: Mapping[str, Any]) -> MergeConfig:
     """The ``linear`` ``MergeConfig`` with per-tensor weights for a parsed BlockMerge
     document (``config.blockmerge`` set). ``checkpoints`` maps model paths (or references)
-    to opened checkpoints; model 1's config.json gives the order, its tensors the names."""
+    to opened checkpoints; model 1's config.json gives the order, its tensors the names.
+
+    Raises ``ConfigError`` when a floating-point tensor of model 1 is not in the order (nor
+    a buffer or a name transformers ignores on load): its position, and so every ratio,
+    would be a guess. Names of the order that the files lack (a tied ``lm_head``) are
+    counted in the sections, as ``state_dict()`` has them. Reads no tensor data."""
     ref1 = config.models[0].model
     ckpt = checkpoints.get(ref1.ref) or checkpoints.get(ref1.path)
     if ckpt is None:
         raise ConfigError([f"model_path1: no checkpoint was opened for {ref1.ref!r}"])
-    order = architecture_tensor_order(ckpt.config, f"model_path1 {ref1.ref!r}")
+    where = f"model_path1 {ref1.ref!r}"
+    arch_order = architecture_order(ckpt.config, where)
+    missing = arch_order.unordered(ckpt.tensors)
+    if missing:
+        raise ConfigError([_unordered_problem(where, ckpt, arch_order, missing)])
+    order = list(arch_order.names)
     weights = blend_weights(config.blockmerge.operations, order)
     names = sorted(set(order) | set(ckpt.tensors), key=len, reverse=True)
 
