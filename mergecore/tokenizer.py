@@ -3,53 +3,109 @@ smaller than its tokenizer is refused before any tensor is read), and the chat t
 config asks for with mergekit's ``chat_template`` key.
 
 ``chat_template`` is ``auto`` (the template most of the input models' tokenizers carry), one of
-the names in ``CHAT_TEMPLATES``, or a Jinja template. The chosen template is written as
-``chat_template.jinja`` and into ``tokenizer_config.json`` of the copied tokenizer.
+the names in ``CHAT_TEMPLATES`` (they render what mergekit 0.1.5's templates of those names
+render; exaone without the whitespace mergekit's file leaks into the prompt), or a Jinja
+template. The chosen template is written as ``chat_template.jinja`` and into
+``tokenizer_config.json`` of the copied tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-# Conversation formats by name, written for mergecore (roles: system, user, assistant).
+
+def _jinja(text: str) -> str:
+    """A template written indented in this file, without the indentation."""
+    return textwrap.dedent(text).strip()
+
+
+# Conversation formats by name, mergecore's own Jinja, written to render exactly what mergekit
+# 0.1.5's templates of the same name render (mergekit/_data/chat_templates/*.jinja under
+# transformers' renderer), raising where they raise; exaone renders what mergekit's file means
+# without the indentation it leaks into the prompt. Every tag trims the whitespace around it
+# ({%- -%}), so the layout below never reaches the prompt, with or without trim_blocks and
+# lstrip_blocks.
 CHAT_TEMPLATES: dict[str, str] = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-        " + message['content'] | trim + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}"
-        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-    ),
-    "mistral": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-        "{% else %}{{ message['content'] + eos_token }}{% endif %}"
-        "{% endfor %}"
-    ),
-    "alpaca": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}"
-        "{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-        "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
-    ),
+    # <|im_start|>role\ncontent<|im_end|>\n per message, content as given
+    "chatml": _jinja(r"""
+        {%- for message in messages -%}
+            {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+        {%- endfor -%}
+        {%- if add_generation_prompt -%}
+            {{- '<|im_start|>assistant\n' -}}
+        {%- endif -%}
+    """),
+    # bos before the first message only; content trimmed; a newline after every <|eot_id|>
+    "llama3": _jinja(r"""
+        {%- for message in messages -%}
+            {{- (bos_token if loop.first else '') + '<|start_header_id|>' + message['role']
+                + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>\n' -}}
+        {%- endfor -%}
+        {%- if add_generation_prompt -%}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {%- endif -%}
+    """),
+    # <s> [INST] system\n\nuser [/INST] answer</s> [INST] user [/INST]: an optional first system
+    # message goes into the first [INST]; then user and assistant must alternate, user first;
+    # no generation prompt (the prompt ends with [/INST])
+    "mistral": _jinja(r"""
+        {%- if not messages -%}
+            {{- raise_exception('mistral chat template: the conversation is empty') -}}
+        {%- endif -%}
+        {%- set skip = 1 if messages[0]['role'] == 'system' else 0 -%}
+        {{- bos_token -}}
+        {%- for message in messages[skip:] -%}
+            {%- if message['role'] not in ('user', 'assistant')
+                  or (message['role'] == 'user') != (loop.index0 is even) -%}
+                {{- raise_exception('mistral chat template: after an optional first system '
+                                    'message, roles must alternate user, assistant, user, ...') -}}
+            {%- endif -%}
+            {%- if message['role'] == 'user' -%}
+                {{- ' [INST] ' + (messages[0]['content'] + '\n\n' if skip and loop.first else '')
+                    + message['content'] + ' [/INST]' -}}
+            {%- else -%}
+                {{- ' ' + message['content'] + eos_token -}}
+            {%- endif -%}
+        {%- endfor -%}
+    """),
+    # the last system message (trimmed) and a blank line, then a header and the trimmed content
+    # per user / assistant / user_context message, a blank line after each but the very last
+    # message; '### Response:\n' as generation prompt unless the assistant spoke last
+    "alpaca": _jinja(r"""
+        {%- set headers = {'user': '### Instruction:\n', 'assistant': '### Response:\n',
+                           'user_context': '### Input:\n'} -%}
+        {%- set systems = messages | selectattr('role', 'equalto', 'system') | list -%}
+        {{- ((systems | last)['content'] | trim if systems else '') + '\n\n' -}}
+        {%- for message in messages -%}
+            {%- if message['role'] in headers -%}
+                {{- headers[message['role']] + message['content'] | trim -}}
+                {%- if not loop.last -%}{{- '\n\n' -}}{%- endif -%}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}
+            {{- '### Response:\n' -}}
+        {%- endif -%}
+    """),
+    # [|role|]content, then '\n' after a user message and '[|endofturn|]\n' after any other; an
+    # empty system turn first when the conversation does not open with one
+    "exaone": _jinja(r"""
+        {%- for message in messages -%}
+            {%- if loop.first and message['role'] != 'system' -%}
+                {{- '[|system|][|endofturn|]\n' -}}
+            {%- endif -%}
+            {{- '[|' + message['role'] + '|]' + message['content']
+                + ('\n' if message['role'] == 'user' else '[|endofturn|]\n') -}}
+        {%- endfor -%}
+        {%- if add_generation_prompt -%}
+            {{- '[|assistant|]' -}}
+        {%- endif -%}
+    """),
 }
 
 

@@ -5,6 +5,7 @@ anything is written (and `mergecore verify` catches one), and mergekit's `chat_t
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def test_auto_chat_template_takes_the_one_most_inputs_carry(small_family, tmp_pa
 
 
 @pytest.mark.parametrize("template, message", [
-    ("chatmlx", "'chatmlx' is neither 'auto', a template name (chatml, llama3, mistral, alpaca)"),
+    ("chatmlx", ("'chatmlx' is neither 'auto', a template name "
+                 "(chatml, llama3, mistral, alpaca, exaone)")),
     ("{% for m in messages %}{{ m }}", "the Jinja template does not parse"),
 ])
 def test_bad_chat_template_is_a_config_error(small_family, tmp_path, capsys, template, message):
@@ -180,3 +182,181 @@ def test_a_tokenizer_source_writes_its_tokenizer_even_with_no_copy_tokenizer(
     donor = Path(base if source == "base" else ft1)
     assert tk.token_count(ours) == tk.token_count(donor) == tk.token_count(theirs)
     assert verify_output(ours).ok
+
+
+# --- the named chat templates render what mergekit 0.1.5's templates of the same name render
+
+BOS, EOS = "<s>", "</s>"
+CONTENTS = ["hello there", "  leading spaces", "trailing spaces  ", "\nnewline first",
+            "newline last\n", " \n both ends \n ", "two\nlines", "", "tab\there ok"]
+
+
+def _conversations() -> list[list[dict]]:
+    """System first or not, one to five user turns, ending with the user or the assistant, with
+    contents carrying leading/trailing spaces and newlines; variants with a user_context
+    message, several or misplaced system messages, roles mistral refuses, and edge cases."""
+    rng = random.Random(1234)
+
+    def msg(role: str) -> dict:
+        return {"role": role, "content": rng.choice(CONTENTS)}
+
+    out: list[list[dict]] = []
+    for _ in range(3):
+        for system in (False, True):
+            for turns in range(1, 6):
+                for answered in (False, True):
+                    roles = ["system"] * system + ["user", "assistant"] * turns
+                    roles = roles if answered else roles[:-1]
+                    out.append([msg(r) for r in roles])
+                    # a user_context message after a user's (alpaca's ### Input:)
+                    i = roles.index("user") + 1
+                    out.append([msg(r) for r in roles[:i] + ["user_context"] + roles[i:]])
+    for roles in ([], ["system"], ["assistant"], ["assistant", "user"], ["user", "user"],
+                  ["system", "assistant"], ["user", "system", "assistant"],
+                  ["system", "user", "assistant", "system", "user"], ["user", "tool"],
+                  ["system", "system", "user"], ["user_context"], ["user", "assistant", "tool"],
+                  ["user", "assistant", "assistant"]):
+        out.append([msg(r) for r in roles])
+    return out
+
+
+CONVERSATIONS = _conversations()
+# conversations mergekit's mistral template rejects (mergecore's must reject them too)
+MISTRAL_REJECTS = [
+    [], [{"role": "assistant", "content": "a"}],
+    [{"role": "user", "content": "u"}, {"role": "user", "content": "u"}],
+    [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+    [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}],
+    [{"role": "user", "content": "u"}, {"role": "user_context", "content": "c"}],
+    [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+     {"role": "tool", "content": "t"}],
+]
+
+
+def _transformers_render(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The prompt transformers' apply_chat_template renders (its sandboxed Jinja environment,
+    trim_blocks and lstrip_blocks, raise_exception), bos/eos tokens given."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:  # transformers before render_jinja_template
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=BOS, eos_token=EOS)
+    rendered, _ = render_jinja_template(
+        conversations=[messages], chat_template=template,
+        add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS)
+    return rendered[0]
+
+
+def _outcome(render, *args) -> str | None:
+    """The rendered string, None when rendering raises."""
+    try:
+        return render(*args)
+    except Exception:  # noqa: BLE001 - jinja2's errors, TypeError, ...: any failure counts
+        return None
+
+
+def _mergekit_template(name: str) -> str:
+    pytest.importorskip("mergekit")
+    import importlib.resources
+
+    from mergekit._data import chat_templates
+
+    path = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja")
+    if not path.is_file():
+        pytest.skip(f"this mergekit has no {name}.jinja")
+    return path.read_text()  # as mergekit's _set_chat_template reads it
+
+
+def _without_layout(template: str) -> str:
+    """exaone only: mergekit's exaone.jinja puts each tag on its own, indented line, and
+    transformers' renderer keeps the indentation before each {{ }} and the newline after it, so
+    its prompt has leading spaces, blank lines and a line break between a message's content
+    and its [|endofturn|]. mergecore renders what the file means: the file with that layout
+    removed (every line stripped and the lines joined; each line holds whole tags, so no string
+    literal changes), which must render exactly mergecore's prompt. The prompt of the file as
+    it is must still agree once all whitespace is removed."""
+    return "".join(line.strip() for line in template.splitlines())
+
+
+def _no_whitespace(text: str | None) -> str | None:
+    return None if text is None else "".join(text.split())
+
+
+@pytest.mark.parametrize("name", sorted(tk.CHAT_TEMPLATES))
+def test_named_chat_templates_render_as_mergekits(name):
+    theirs = _mergekit_template(name)
+    ours = tk.CHAT_TEMPLATES[name]
+    if name == "exaone":
+        as_is, theirs = theirs, _without_layout(theirs)
+    compared = rejected = 0
+    for messages in CONVERSATIONS:
+        for generation_prompt in (False, True):
+            args = (messages, generation_prompt)
+            expected = _outcome(_transformers_render, theirs, *args)
+            got = _outcome(_transformers_render, ours, *args)
+            assert got == expected, (name, args, got, expected)  # None: both raise
+            if name == "exaone":
+                assert _no_whitespace(_outcome(_transformers_render, as_is, *args)) == \
+                    _no_whitespace(got), (args, got)
+            compared += expected is not None
+            rejected += expected is None
+    # mistral rejects what is not [system,] user, assistant, user, ...; alpaca an empty
+    # conversation with a generation prompt (messages[-1] is undefined); the others nothing
+    assert compared >= 100 and rejected <= (len(CONVERSATIONS) * 2 - 100 if name == "mistral"
+                                            else int(name == "alpaca")), (compared, rejected)
+    if name == "mistral":
+        for messages in MISTRAL_REJECTS:
+            for generation_prompt in (False, True):
+                assert _outcome(_transformers_render, theirs, messages, generation_prompt) is None
+                assert _outcome(_transformers_render, ours, messages, generation_prompt) is None
+
+
+@pytest.mark.parametrize("name", sorted(tk.CHAT_TEMPLATES))
+def test_named_chat_templates_ignore_their_layout(name):
+    """Every tag trims its surroundings, so a plain Jinja environment (no trim_blocks or
+    lstrip_blocks, the defaults outside transformers) renders the same prompt."""
+    import jinja2
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    for environment in (jinja2.Environment(), jinja2.Environment(keep_trailing_newline=True),
+                        jinja2.Environment(trim_blocks=True, lstrip_blocks=True)):
+        environment.globals["raise_exception"] = raise_exception
+        template = environment.from_string(tk.CHAT_TEMPLATES[name])
+        for messages in CONVERSATIONS + MISTRAL_REJECTS:
+            for generation_prompt in (False, True):
+                kwargs = {"messages": messages, "add_generation_prompt": generation_prompt,
+                          "bos_token": BOS, "eos_token": EOS}
+                assert _outcome(template.render, kwargs) == \
+                    _outcome(_transformers_render, tk.CHAT_TEMPLATES[name], messages,
+                             generation_prompt), (name, messages, generation_prompt)
+
+
+TALK = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi\n"},
+        {"role": "assistant", "content": " Hello."}, {"role": "user", "content": "Bye"}]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("chatml", ("<|im_start|>system\n Be brief. <|im_end|>\n<|im_start|>user\nHi\n<|im_end|>\n"
+                "<|im_start|>assistant\n Hello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+                "<|im_start|>assistant\n")),
+    ("llama3", ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\n"
+                "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\n"
+                "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>\n"
+                "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>\n"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")),
+    ("mistral", "<s> [INST]  Be brief. \n\nHi\n [/INST]  Hello.</s> [INST] Bye [/INST]"),
+    ("alpaca", ("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello.\n\n"
+                "### Instruction:\nBye### Response:\n")),
+    ("exaone", ("[|system|] Be brief. [|endofturn|]\n[|user|]Hi\n\n[|assistant|] Hello."
+                "[|endofturn|]\n[|user|]Bye\n[|assistant|]")),
+])
+def test_named_chat_templates_render_these_prompts(name, expected):
+    assert _transformers_render(tk.CHAT_TEMPLATES[name], TALK, True) == expected
+    if name == "exaone":  # an empty system turn opens a conversation without one
+        assert _transformers_render(tk.CHAT_TEMPLATES[name], TALK[1:2], False) == \
+            "[|system|][|endofturn|]\n[|user|]Hi\n\n"
