@@ -10,30 +10,31 @@ import sys
 from collections.abc import Sequence
 
 from mergecore import __version__
-from mergecore.units import human_bytes, positive_int, positive_size
+from mergecore.units import human_bytes, positive_int, positive_size, shard_size
 
 # mergekit-yaml switches and options that have no effect here (mergecore streams, applies LoRA
 # on the fly and runs no model code), accepted so existing command lines keep working
 IGNORED_SWITCHES = ("lazy-unpickle", "low-cpu-memory", "trust-remote-code", "clone-tensors",
-                    "read-to-gpu", "async-write", "multi-gpu", "unsafe-truncate-embeddings")
+                    "read-to-gpu", "async-write", "unsafe-truncate-embeddings")
 IGNORED_OPTIONS = ("transformers-cache", "lora-merge-cache", "lora-merge-dtype")
 _MERGE_EPILOG = (
     "mergekit-yaml's other options ("
-    + ", ".join(f"--{f}" for f in (*IGNORED_SWITCHES, "gpu-rich", *IGNORED_OPTIONS,
-                                   "write-threads"))
+    + ", ".join(f"--{f}" for f in (*IGNORED_SWITCHES, *IGNORED_OPTIONS, "write-threads"))
     + ") are accepted so existing command lines keep working, and have no effect: mergecore "
-    "streams, applies LoRA on the fly and runs no model code. --no-safe-serialization is "
-    "refused (safetensors only).")
+    "streams, applies LoRA on the fly and runs no model code. --gpu-rich and --multi-gpu "
+    "compute on the GPU, as in mergekit (on one GPU: cuda, or --device). "
+    "--no-safe-serialization is refused (safetensors only).")
 
 
 def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="mergekit YAML (one document, or several separated by ---)")
     p.add_argument("out_dir", help="output directory (HF layout, safetensors)")
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--cuda", action="store_true", help="compute on the GPU (same as --device cuda)")
-    dev.add_argument("--device", default=None, help="compute device: cpu, cuda, cuda:1 ...")
-    p.add_argument("--out-shard-size", default="5B", type=positive_size,
-                   help="bytes per output shard (default 5B = 5e9, like mergekit)")
+    p.add_argument("--cuda", action="store_true", help="compute on the GPU (same as --device cuda)")
+    p.add_argument("--device", default=None,
+                   help="compute device: cpu, cuda, cuda:1 ..., or auto (cuda when there is a "
+                        "GPU); wins over --cuda, as in mergekit")
+    p.add_argument("--out-shard-size", default="5B", type=shard_size,
+                   help="bytes per output shard (default 5B = 5e9, like mergekit; 0: one shard)")
     p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
                    help="copy the tokenizer of the base (or tokenizer_source) model (default)")
     p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
@@ -77,7 +78,11 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     for flag in IGNORED_SWITCHES:
         p.add_argument(f"--{flag}", f"--no-{flag}", dest=f"ignored_{flag}", action="store_true",
                        help=argparse.SUPPRESS)
-    p.add_argument("--gpu-rich", action="store_true", help=argparse.SUPPRESS)
+    for flag in ("gpu-rich", "multi-gpu"):  # mergekit's GPU executors: compute on the GPU
+        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), action="store_true",
+                       help=argparse.SUPPRESS)
+        p.add_argument(f"--no-{flag}", dest=flag.replace("-", "_"), action="store_false",
+                       help=argparse.SUPPRESS)
     for option in IGNORED_OPTIONS:
         p.add_argument(f"--{option}", default=None, help=argparse.SUPPRESS)
     p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
@@ -121,7 +126,7 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from mergecore.devices import check_device
+    from mergecore.devices import check_device, resolve_device
     from mergecore.merge import MergeOptions, run_merge
 
     if not args.safe_serialization:
@@ -129,9 +134,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                          "writes safetensors only (drop the flag)")
     if args.num_threads:
         os.environ["MERGECORE_NUM_THREADS"] = str(args.num_threads)
-    device = "cuda" if args.cuda else (args.device or "cpu")
-    if args.cuda:
-        check_device(device, flag="--cuda")  # the error names the flag the user typed
+    device, flag = resolve_device(device=args.device, cuda=args.cuda, gpu_rich=args.gpu_rich,
+                                  multi_gpu=args.multi_gpu)
+    if flag is not None:
+        check_device(device, flag=flag)  # the error names the flag the user typed
     options = MergeOptions(
         device=device,
         out_shard_size=args.out_shard_size,

@@ -4,6 +4,26 @@ from __future__ import annotations
 
 import torch
 
+# the switches that ask for the GPU without naming a device
+CUDA_FLAGS = ("--cuda", "--gpu-rich", "--multi-gpu")
+
+
+def resolve_device(*, device: str | None, cuda: bool = False, gpu_rich: bool = False,
+                   multi_gpu: bool = False) -> tuple[str, str | None]:
+    """The compute device that mergekit-yaml's flags ask for, by mergekit's rules, and the flag
+    that chose it (for error messages; None for the default): ``--device`` wins (``auto``:
+    cuda when torch sees a GPU, else cpu); otherwise ``--cuda``, ``--gpu-rich`` (mergekit's
+    alias for --cuda and its multi-GPU executor) or ``--multi-gpu`` (mergekit's executor
+    that runs on every GPU) mean cuda (mergecore computes on one); otherwise cpu."""
+    if device:
+        if device == "auto":
+            return ("cuda" if torch.cuda.is_available() else "cpu"), "--device auto"
+        return device, None
+    for asked, flag in zip((cuda, gpu_rich, multi_gpu), CUDA_FLAGS):
+        if asked:
+            return "cuda", flag
+    return "cpu", None
+
 
 def check_device(device: str | torch.device, *, flag: str | None = None) -> str:
     """``device`` as a string, if this machine can compute on it; otherwise a ValueError (a
@@ -26,7 +46,7 @@ def check_device(device: str | torch.device, *, flag: str | None = None) -> str:
             raise RuntimeError(
                 f"{said}: no CUDA device is available here (torch "
                 f"{torch.__version__}, built with CUDA {torch.version.cuda or 'none'}); "
-                + ("drop --cuda to merge on the CPU" if flag == "--cuda" else
+                + (f"drop {flag} to merge on the CPU" if flag in CUDA_FLAGS else
                    "run with --device cpu"))
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:

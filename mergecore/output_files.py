@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,9 +12,7 @@ from typing import Any, BinaryIO
 from mergecore.io.writer import atomic_write, atomic_write_bytes
 
 MODEL_CARD_TEMPLATE = """---
-base_model:
-{base_models}
-library_name: transformers
+{base_models}library_name: transformers
 tags:
 - mergekit
 - mergecore
@@ -61,13 +60,36 @@ def write_config_json(out_dir: Path, config: dict[str, Any] | None) -> None:
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# a Hugging Face Hub model id: owner/name, letters, digits, '_', '-', '.', no '--' or '..'
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def hub_model_ids(models: Iterable[str]) -> list[str]:
+    """The references among ``models`` that have the form of a Hub model id (``owner/name``),
+    the model and the adapter of ``model+adapter`` each on its own: what the card's
+    ``base_model`` metadata may list. Local paths (absolute, ``./``, ``~``, deeper than two
+    parts) and recipe stage names are left out: the Hub refuses a card whose ``base_model``
+    is not a model id. mergekit lists only the references the Hub knows; mergecore runs
+    offline and lists those of the Hub's form."""
+    ids = []
+    for ref in models:
+        for part in str(ref).split("+"):
+            if _HUB_ID.fullmatch(part) and "--" not in part and ".." not in part \
+                    and not part.endswith("."):
+                ids.append(part)
+    return list(dict.fromkeys(ids))
+
+
 def write_model_card(out_dir: Path, *, method: str, base_model: str | None,
                      models: Iterable[str], dtype: str, yaml_text: str) -> None:
-    """A README.md that states the method, the inputs, the mergecore version and the YAML."""
+    """A README.md that states the method, the inputs, the mergecore version and the YAML;
+    its metadata's ``base_model`` lists the inputs named by Hub ids (:func:`hub_model_ids`)
+    and is left out when there is none."""
     from mergecore import __version__
 
     models = list(dict.fromkeys(models))
-    base_models = "\n".join(f"- {m}" for m in models) or "- (none)"
+    ids = hub_model_ids(models)
+    base_models = "base_model:\n" + "".join(f"- {m}\n" for m in ids) if ids else ""
     text = MODEL_CARD_TEMPLATE.format(
         title=out_dir.name,
         version=__version__,

@@ -35,6 +35,16 @@ def positive_size(text: str | int) -> int:
     return size
 
 
+def shard_size(text: str | int) -> int:
+    """``--out-shard-size``: ``parse_size``, where 0 means no limit (one shard), as mergekit
+    reads it; errors are ``argparse.ArgumentTypeError``."""
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return size
+
+
 def positive_int(text: str) -> int:
     """An integer of at least 1 from the command line (``argparse.ArgumentTypeError`` else)."""
     try:

@@ -142,7 +142,7 @@ def test_yaml_problems_and_header_problems_come_in_one_error(tmp_path, family, c
 
 
 @pytest.mark.parametrize("flag,value", [("--max-memory", "0"), ("--max-memory", "-5"),
-                                        ("--max-memory", "2XB"), ("--out-shard-size", "0"),
+                                        ("--max-memory", "2XB"), ("--out-shard-size", "-5"),
                                         ("--out-shard-size", "lots"), ("-j", "0"),
                                         ("--num-threads", "-2"), ("-j", "two")])
 def test_a_bad_size_or_count_is_a_usage_error_naming_the_flag(tmp_path, family, capsys, flag,
@@ -255,6 +255,48 @@ def test_a_typical_mergekit_command_line_merges(tmp_path, family):
     assert main(["merge", str(cfg), str(tmp_path / "out"), "--lazy-unpickle", "--allow-crimes",
                  "--out-shard-size", "1B", "--copy-tokenizer", "--low-cpu-memory",
                  "--write-threads", "2", "--no-cuda", "--quiet"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_out_shard_size_zero_means_one_shard_as_in_mergekit(tmp_path, family):
+    cfg = _config(tmp_path, _ties(*family))
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--out-shard-size", "0", "--quiet"]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    # and a small size cuts, so the zero above was not a no-op
+    assert main(["merge", str(cfg), str(tmp_path / "cut"), "--out-shard-size", "1", "-q"]) == 0
+    assert len(list((tmp_path / "cut").glob("*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], ("cpu", None)),
+    (["--cuda"], ("cuda", "--cuda")),
+    (["--gpu-rich"], ("cuda", "--gpu-rich")),
+    (["--multi-gpu"], ("cuda", "--multi-gpu")),
+    (["--cuda", "--device", "cpu"], ("cpu", None)),  # --device wins, as in mergekit
+    (["--gpu-rich", "--device", "cuda:1"], ("cuda:1", None)),
+    (["--cuda", "--no-cuda"], ("cpu", None)),
+    (["--device", "auto"], None),
+])
+def test_device_flags_resolve_as_in_mergekit(flags, expected):
+    import torch
+
+    from mergecore.cli import build_parser
+    from mergecore.devices import resolve_device
+
+    args = build_parser(bench=False).parse_args(["merge", "c.yml", "out", *flags])
+    got = resolve_device(device=args.device, cuda=args.cuda, gpu_rich=args.gpu_rich,
+                         multi_gpu=args.multi_gpu)
+    if expected is None:  # auto: the GPU when torch sees one
+        expected = ("cuda" if torch.cuda.is_available() else "cpu", "--device auto")
+    assert got == expected
+
+
+def test_cuda_with_device_cpu_merges_on_the_cpu(tmp_path, family):
+    cfg = _config(tmp_path, _ties(*family))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--cuda", "--device", "cpu",
+                 "--quiet"]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
