@@ -360,3 +360,25 @@ def test_named_chat_templates_render_these_prompts(name, expected):
     if name == "exaone":  # an empty system turn opens a conversation without one
         assert _transformers_render(tk.CHAT_TEMPLATES[name], TALK[1:2], False) == \
             "[|system|][|endofturn|]\n[|user|]Hi\n\n"
+
+
+def test_processor_files_travel_with_the_tokenizer(small_family, tmp_path):
+    """A vision model's processor files (mergekit copies them from the base for those
+    architectures) are copied with the tokenizer, recorded in the manifest (verify checks
+    them), and count as merge output for --overwrite."""
+    base_src, ft1, _ = small_family
+    base = tmp_path / "base"
+    shutil.copytree(base_src, base)
+    files = {"preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor"},
+             "processor_config.json": {"processor_class": "Qwen2VLProcessor"}}
+    for name, content in files.items():
+        (base / name).write_text(json.dumps(content))
+    cfg = _write(tmp_path / "c.yml", _linear([str(base), ft1]))
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--quiet"]) == 0
+    for name, content in files.items():
+        assert json.loads((out / name).read_text()) == content
+    assert verify_output(out).ok
+    (out / "processor_config.json").write_text("{}")
+    assert not verify_output(out).ok  # recorded: an edit is caught
+    assert main(["merge", str(cfg), str(out), "--overwrite", "--quiet"]) == 0

@@ -30,7 +30,9 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
-#: Files that make up a tokenizer (and the generation defaults), copied next to merged weights.
+#: Files that make up a tokenizer (and the generation defaults, and the processor files of
+#: vision and audio models, which mergekit copies from the base for those architectures),
+#: copied next to merged weights.
 TOKENIZER_FILE_NAMES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -45,6 +47,10 @@ TOKENIZER_FILE_NAMES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "normalizer.json",
 )
 TOKENIZER_GLOBS = ("*.tiktoken", "tokenization_*.py")
 
