@@ -19,7 +19,7 @@ from mergecore import dispatch
 from mergecore.composed import NonFiniteCounts
 from mergecore.dtypes import parse_dtype
 from mergecore.errors import MergeError, NonFiniteError
-from mergecore.methods import METHODS, MergeJob
+from mergecore.methods import METHODS, NORMALIZE_EPS, MergeJob
 
 Floats = float | Sequence[float]
 
@@ -117,7 +117,7 @@ def make_job(
         job.weights = _per_model(weights, n, "weight", name)
         job.densities = _per_model(densities, n, "density", name)
         job.gammas = _per_model(gammas, n, "gamma", name)
-    if traits.combine == "linear" and job.normalize and abs(sum(job.weights)) < 1e-8:
+    if traits.combine == "linear" and job.normalize and abs(sum(job.weights)) < NORMALIZE_EPS:
         raise MergeError(f"tensor {name!r}: linear with normalize needs a non-zero weight sum")
     return job
 

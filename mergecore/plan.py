@@ -71,11 +71,11 @@ from mergecore.config.schema import (
     parse_model_ref,
 )
 from mergecore.io.types import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Checkpoint, TensorInfo
+from mergecore.methods import NORMALIZE_EPS
 
 #: Name parts of tensors indexed by the vocabulary (used when a config has no vocab_size).
 _VOCAB_NAME_MARKERS = ("embed", "lm_head", "wte", "word_embeddings", "tok_embeddings",
                        "output.weight", "shared.weight")
-NORMALIZE_EPS = 1e-8
 _LIST_LIMIT = 5
 
 
