@@ -295,3 +295,43 @@ def test_unused_stage_is_a_warning_and_all_named_means_last_is_final(family, tmp
     plan = load_recipe(write_recipe(tmp_path / "r.yml", docs))
     assert [s.name for s in plan.stages] == ["comp1", "comp2", None]
     assert any("spare" in w and "not used" in w for w in plan.warnings)
+
+
+# (hidden, LoRA rank, vocabularies of the adapter's model, the middle and the small model, seed)
+VOCAB_LORA_CASES = [(64, 8, (300, 280, 264), 11), (96, 16, (777, 640, 513), 14)]
+
+
+@pytest.mark.parametrize("hidden,r,vocabs,seed", VOCAB_LORA_CASES)
+def test_lora_on_a_larger_vocabulary_is_bit_identical_fused_and_stage_by_stage(
+        tmp_path, hidden, r, vocabs, seed):
+    """An adapter on embed_tokens and lm_head of the model with the largest vocabulary, used by
+    two stages that cut it to different common vocabularies: a fused run computes its update
+    on the same rows as the stage run on its own (fp32 throughout, so no rounding hides a
+    difference)."""
+    from mergecore.synthetic import make_lora_adapter
+
+    big, mid, small = (str(p) for p in make_family(
+        tmp_path / "fam", n_models=3, layers=2, hidden=hidden, vocab_sizes=list(vocabs),
+        dtype=torch.float32, seed=seed))
+    adapter = make_lora_adapter(big, tmp_path / "ad", r=r, alpha=2 * r, seed=seed,
+                                target_modules=("q_proj", "embed_tokens", "lm_head"))
+    lora = f"{big}+{adapter}"
+    fp32 = {"dtype": "float32", "out_dtype": "float32"}
+    docs = [{"name": "wide", "merge_method": "linear", **fp32, "tokenizer_source": mid,
+             "models": [{"model": lora, "parameters": {"weight": 0.6}},
+                        {"model": mid, "parameters": {"weight": 0.4}}]},
+            {"merge_method": "linear", **fp32, "tokenizer_source": small,
+             "models": [{"model": "wide", "parameters": {"weight": 0.5}},
+                        {"model": lora, "parameters": {"weight": 0.3}},
+                        {"model": small, "parameters": {"weight": 0.2}}]}]
+    recipe = write_recipe(tmp_path / "recipe.yml", docs)
+    merge(recipe, tmp_path / "fused", "--keep-intermediates", str(tmp_path / "kept"))
+    stages = stage_by_stage(docs, tmp_path)
+    fused, alone = load_state(tmp_path / "fused"), load_state(stages[None])
+    assert fused.keys() == alone.keys()
+    assert fused["lm_head.weight"].shape[0] == vocabs[2]
+    differ = [n for n in alone if not torch.equal(fused[n], alone[n])]
+    kept, wide = load_state(tmp_path / "kept" / "wide"), load_state(stages["wide"])
+    assert kept["model.embed_tokens.weight"].shape[0] == vocabs[1]
+    differ += [f"wide: {n}" for n in wide if not torch.equal(kept[n], wide[n])]
+    assert not differ, differ
