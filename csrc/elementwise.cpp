@@ -85,7 +85,7 @@ MC_HOT void l1_block(const L1Job& job, uint64_t start, uint64_t end, double* out
   alignas(64) float all[LANES] = {}, kept_sum[LANES] = {};
   for (uint64_t s = start; s < end; s += TILE) {
     size_t cnt = static_cast<size_t>(end - s < TILE ? end - s : TILE);
-    const TileMask tm = tile_mask(job.mask, s, cnt, words);
+    const TileMask tm = tile_mask(job.mask, s, cnt, words, BITS_WRITE);
     with_dtype(code_of(job.x), [&](auto xd) MC_LAMBDA {
       with_dtype(code_of(job.base), [&](auto bd) MC_LAMBDA {
         with_mask_kind(job.mask.kind, [&](auto mk) MC_LAMBDA {

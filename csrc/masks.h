@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -25,7 +26,14 @@ struct Mask {
   TopSet drop;   // KEEP_BAND: removed from upper
   uint32_t threshold24 = 0;  // KEEP_RANDOM: keep iff word >> 8 < threshold24
   uint32_t key0 = 0, key1 = 0;
+  // KEEP_RANDOM, optional: ceil(n / 8) bytes caching the keep decisions (element j: bit j & 7
+  // of byte j >> 3). The L1 pass of DARE's rescale writes them while it evaluates the stream
+  // (BITS_WRITE); the combine that follows reads them (BITS_READ) instead of evaluating the
+  // Philox stream a second time, which is most of DARE's kernel time.
+  uint8_t* bits = nullptr;
 };
+
+enum BitsUse : int { BITS_READ = 0, BITS_WRITE = 1 };
 
 constexpr uint32_t PHILOX_M0 = 0xD2511F53u;
 constexpr uint32_t PHILOX_M1 = 0xCD9E8D57u;
@@ -57,11 +65,47 @@ struct TileMask {
   const uint32_t* words;
 };
 
-// words: scratch of TILE entries (used by KEEP_RANDOM). start is a multiple of 4.
-MC_INLINE TileMask tile_mask(const Mask& m, uint64_t start, size_t count, uint32_t* words) {
+// words: scratch of TILE entries (used by KEEP_RANDOM). start is a multiple of 4, and of 8
+// when m.bits is written. KEEP_RANDOM with m.bits: BITS_READ turns the cached bits into words
+// that the same test keeps (word 0 < threshold 1, word 0xFFFFFFFF not) with no Philox call;
+// BITS_WRITE evaluates the stream and stores the tile's bits.
+MC_INLINE TileMask tile_mask(const Mask& m, uint64_t start, size_t count, uint32_t* words,
+                             BitsUse use = BITS_READ) {
   TileMask tm{m.upper.threshold, index_limit(m.upper.cutoff, start, count), m.drop.threshold,
               index_limit(m.drop.cutoff, start, count), m.threshold24, words};
-  if (m.kind == KEEP_RANDOM) philox_words(m.key0, m.key1, start, (count + 3) & ~size_t{3}, words);
+  if (m.kind != KEEP_RANDOM) return tm;
+  // bits move 32 at a time (a uint32 of bits, shifted per lane: vectorizable); start is a
+  // multiple of 8, so each group begins on a byte; the tensor's last partial group goes
+  // byte by byte, so no byte past ceil(n / 8) is touched
+  const size_t whole = count & ~size_t{31};
+  if (m.bits != nullptr && use == BITS_READ) {  // bit 1 -> word 0, bit 0 -> word 0xFFFFFFFF
+    const uint8_t* src = m.bits + (start >> 3);
+    for (size_t q = 0; q < whole; q += 32) {
+      uint32_t v;
+      std::memcpy(&v, src + (q >> 3), 4);
+      for (uint32_t k = 0; k < 32; ++k) words[q + k] = ((v >> k) & 1u) - 1u;
+    }
+    for (size_t t = whole; t < count; ++t) words[t] = ((src[t >> 3] >> (t & 7)) & 1u) - 1u;
+    tm.threshold24 = 1;
+    return tm;
+  }
+  philox_words(m.key0, m.key1, start, (count + 3) & ~size_t{3}, words);
+  if (m.bits != nullptr) {  // BITS_WRITE
+    uint8_t* dst = m.bits + (start >> 3);
+    const uint32_t thr = m.threshold24;
+    for (size_t q = 0; q < whole; q += 32) {
+      uint32_t v = 0;
+      for (uint32_t k = 0; k < 32; ++k) v |= static_cast<uint32_t>((words[q + k] >> 8) < thr) << k;
+      std::memcpy(dst + (q >> 3), &v, 4);
+    }
+    for (size_t q = whole; q < count; q += 8) {
+      uint32_t byte = 0;
+      for (size_t k = 0; k < 8 && q + k < count; ++k) {
+        byte |= static_cast<uint32_t>((words[q + k] >> 8) < thr) << k;
+      }
+      dst[q >> 3] = static_cast<uint8_t>(byte);
+    }
+  }
   return tm;
 }
 

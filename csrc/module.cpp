@@ -21,7 +21,8 @@ using mc::Operand;
 
 namespace {
 
-using MaskTuple = std::tuple<int, uint64_t, uint64_t, uint64_t, uint64_t>;
+// (kind, a, b, c, d, bits): see parse_mask; bits is a data pointer or 0
+using MaskTuple = std::tuple<int, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t>;
 
 Operand operand(uint64_t addr, int dtype, uint64_t n, const char* what, bool optional = false) {
   if (!mc::valid_dtype(dtype)) {
@@ -59,6 +60,7 @@ mc::Mask parse_mask(const MaskTuple& t) {
       m.threshold24 = static_cast<uint32_t>(std::get<1>(t));
       m.key0 = u32(std::get<2>(t), "Philox key0");
       m.key1 = u32(std::get<3>(t), "Philox key1");
+      m.bits = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(std::get<5>(t)));
       break;
     default:
       throw std::invalid_argument("mergecore._C: unknown mask kind " + std::to_string(m.kind));
@@ -291,7 +293,7 @@ PYBIND11_MODULE(_C, m) {
                                    py::arg("bfloat16") = 2);
   m.attr("HAS_OPENMP") = mc::has_openmp();
   // bumped when a primitive's signature or result changes (mergecore/backends/cpu.py checks)
-  m.attr("INTERFACE_VERSION") = 2;
+  m.attr("INTERFACE_VERSION") = 3;
   m.def("get_num_threads", &mc::get_num_threads, "Threads used by the kernels.");
   m.def("set_num_threads", &mc::set_num_threads, py::arg("n"),
         "Set the threads used by the kernels (values < 1 mean 1).");

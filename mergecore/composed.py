@@ -12,7 +12,7 @@ stream, so they are identical on every backend (see ``mergecore.backends.spec``)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -85,7 +85,9 @@ def _masks(prims: ModuleType, jobs: Sequence[MergeJob]) -> list[list[Mask]]:
 
 
 def _rescales(prims: ModuleType, jobs: Sequence[MergeJob], masks) -> list[list[float]]:
-    """Stage 2: per (job, model) rescale factor; L1 sums batched into one primitive call."""
+    """Stage 2: per (job, model) rescale factor; L1 sums batched into one primitive call.
+    On a backend that caches random masks, each KeepRandom mask summed here gets a keep-bit
+    cache (``masks`` is updated), which the L1 pass fills and the combine reads."""
     factors = [[1.0 for _ in job.xs] for job in jobs]
     l1_jobs: list[L1Job] = []
     where: list[tuple[int, int]] = []
@@ -97,7 +99,12 @@ def _rescales(prims: ModuleType, jobs: Sequence[MergeJob], masks) -> list[list[f
                 p = job.densities[i]
                 factors[j][i] = 1.0 / p if p > 0 else 1.0
             else:
-                l1_jobs.append(L1Job(_flat(job.base), _flat(x), masks[j][i]))
+                mask = masks[j][i]
+                if isinstance(mask, KeepRandom) and getattr(prims, "CACHES_RANDOM_MASKS", False):
+                    # the L1 pass stores the keep bits; the combine reads them back
+                    bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
+                    mask = masks[j][i] = replace(mask, bits=bits)
+                l1_jobs.append(L1Job(_flat(job.base), _flat(x), mask))
                 where.append((j, i))
     if l1_jobs:
         for (j, i), (l1_all, l1_kept) in zip(where, prims.masked_l1_many(l1_jobs)):

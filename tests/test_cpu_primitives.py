@@ -484,6 +484,42 @@ def test_combine_keep_random_is_the_reference_stream():
         assert torch.equal(out, want), n
 
 
+def test_keep_bits_cache_written_by_masked_l1_and_read_by_combine():
+    """KeepRandom.bits: masked_l1 stores the reference keep decisions (bit j & 7 of byte
+    j >> 3), over several parallel blocks and odd tails, and combine reads them instead of
+    the Philox stream: same output as without the cache, and a changed cache changes it."""
+    for n in (1, 5, 8, 13, 4096 + 3, 3 * 4096 * 16 + 7):
+        key0, key1 = rng.dare_key(5, f"w{n}", 1)
+        thr = rng.threshold24(0.3)
+        base, x = rand(n, torch.bfloat16), None
+        x = near(base)
+        bits = torch.full(((n + 7) // 8 + 2,), 0xA5, dtype=torch.uint8)  # poisoned, 2 spare
+        plain, cached = KeepRandom(thr, key0, key1), KeepRandom(thr, key0, key1, bits=bits)
+        assert cpu.masked_l1(base, x, cached) == cpu.masked_l1(base, x, plain)
+        keep = rng.keep_mask(n, thr, key0, key1).astype(bool)
+        unpacked = np.unpackbits(bits.numpy()[: (n + 7) // 8], bitorder="little")[:n]
+        assert np.array_equal(unpacked.astype(bool), keep), n
+        assert bits[-2:].tolist() == [0xA5, 0xA5]  # nothing past ceil(n / 8) written
+        outs = []
+        for mask in (plain, cached):
+            out = poisoned(n, torch.float32)
+            cpu.combine(out, base, [x], [mask], [1.0], [1.0], "sum", False, 1.0)
+            outs.append(out)
+        assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32)), n
+        bits[:] = 0  # a cache that keeps nothing: combine follows it, not the stream
+        out = poisoned(n, torch.float32)
+        cpu.combine(out, base, [x], [cached], [1.0], [1.0], "sum", False, 1.0)
+        assert torch.equal(out, base.float()), n
+
+
+def test_keep_bits_cache_must_be_large_enough():
+    n = 100
+    x = rand(n, torch.float32)
+    small = KeepRandom(1 << 23, 1, 2, bits=torch.zeros(12, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="at least 13 bytes"):
+        cpu.masked_l1(None, x, small)
+
+
 @pytest.mark.parametrize("impl", ["avx512", "avx2", "generic"])
 def test_philox_implementations_match_the_reference(impl):
     """Every Philox implementation gives mergecore.rng's words: at counters where the low

@@ -62,7 +62,7 @@ _REQUIRED = (
     "pread_into",
     "pwrite_from",
 )
-_INTERFACE_VERSION = 2  # csrc/module.cpp's INTERFACE_VERSION this module speaks
+_INTERFACE_VERSION = 3  # csrc/module.cpp's INTERFACE_VERSION this module speaks
 _missing = [name for name in _REQUIRED if not hasattr(_C, name)]
 if getattr(_C, "INTERFACE_VERSION", 1) != _INTERFACE_VERSION:
     _missing.append(f"INTERFACE_VERSION {_INTERFACE_VERSION}")
@@ -80,7 +80,9 @@ DTYPE_CODES: dict[torch.dtype, int] = {
     torch.bfloat16: 2,
 }
 
-_MASK_ALL = (0, 0, 0, 0, 0)
+_MASK_ALL = (0, 0, 0, 0, 0, 0)
+#: masked_l1_many stores KeepRandom keep bits in ``mask.bits`` and combine_many reuses them
+CACHES_RANDOM_MASKS = True
 _U32 = 0xFFFFFFFF
 
 
@@ -156,21 +158,35 @@ def _topset(top: Any, what: str) -> tuple[int, int]:
     return threshold, cutoff
 
 
-def _mask_tuple(mask: Mask, what: str) -> tuple[int, int, int, int, int]:
-    """The 5-tuple encoding of a mask for ``mergecore._C``."""
+def _bits_pointer(bits: torch.Tensor | None, n: int, what: str) -> int:
+    """Data pointer of a KeepRandom keep-bit cache (0 for none): a contiguous CPU uint8
+    tensor of at least ``ceil(n / 8)`` bytes."""
+    if bits is None:
+        return 0
+    if not (isinstance(bits, torch.Tensor) and bits.dtype == torch.uint8
+            and bits.device.type == "cpu" and bits.is_contiguous()
+            and bits.numel() >= (n + 7) // 8):
+        raise ValueError(f"{what}: KeepRandom.bits must be a contiguous CPU uint8 tensor of "
+                         f"at least {(n + 7) // 8} bytes")
+    return bits.data_ptr()
+
+
+def _mask_tuple(mask: Mask, what: str, n: int) -> tuple[int, int, int, int, int, int]:
+    """The 6-tuple encoding of a mask for ``mergecore._C`` (the last item: KeepRandom's
+    keep-bit cache pointer, or 0)."""
     if isinstance(mask, KeepAll):
         return _MASK_ALL
     if isinstance(mask, KeepTop):
-        return (1, *_topset(mask.top, what), 0, 0)
+        return (1, *_topset(mask.top, what), 0, 0, 0)
     if isinstance(mask, KeepBand):
-        return (2, *_topset(mask.upper, what), *_topset(mask.drop, what))
+        return (2, *_topset(mask.upper, what), *_topset(mask.drop, what), 0)
     if isinstance(mask, KeepRandom):
         thr, k0, k1 = int(mask.threshold24), int(mask.key0), int(mask.key1)
         if not 0 <= thr <= 1 << 24:
             raise ValueError(f"{what}: threshold24 = {thr} is outside [0, 2**24]")
         if not (0 <= k0 <= _U32 and 0 <= k1 <= _U32):
             raise ValueError(f"{what}: Philox key words must be 32-bit unsigned integers")
-        return (3, thr, k0, k1, 0)
+        return (3, thr, k0, k1, 0, _bits_pointer(mask.bits, n, what))
     raise TypeError(f"{what}: unknown mask {mask!r}")
 
 
@@ -250,7 +266,7 @@ def masked_l1_many(jobs: Sequence[L1Job]) -> list[tuple[float, float]]:
         n = job.x.numel()
         xp, xc = _operand(job.x, f"masked_l1_many job {j}: x")
         bp, bc = _optional_operand(job.base, f"masked_l1_many job {j}: base", n)
-        encoded.append((bp, bc, xp, xc, n, _mask_tuple(job.mask, f"masked_l1_many job {j}")))
+        encoded.append((bp, bc, xp, xc, n, _mask_tuple(job.mask, f"masked_l1_many job {j}", n)))
     return [tuple(s) for s in _C.masked_l1_many(encoded)]
 
 
@@ -284,7 +300,7 @@ def combine_many(jobs: Sequence[CombineJob]) -> list[tuple[int, int]]:
         if job.mode not in _MODES:
             raise ValueError(f"{what}: mode must be 'sum' or 'elect', got {job.mode!r}")
         xs = [_operand(x, f"{what}: xs[{i}]", n) for i, x in enumerate(job.xs)]
-        masks = [_mask_tuple(mk, f"{what}: masks[{i}]") for i, mk in enumerate(job.masks)]
+        masks = [_mask_tuple(mk, f"{what}: masks[{i}]", n) for i, mk in enumerate(job.masks)]
         encoded.append((
             op, oc, bp, bc, n, xs, masks,
             [float(c) for c in job.coefs], [float(w) for w in job.weights],

@@ -32,6 +32,12 @@ representable this way; ``EMPTY_TOP = TopSet(0xFFFFFFFF, 0)`` is the empty set a
   threshold24`` where ``philox_word(j)`` is word ``j & 3`` of Philox4x32-10 with counter
   ``(lo32(j >> 2), hi32(j >> 2), 0, 0)`` and key ``(key0, key1)``. ``threshold24`` is
   ``round(p * 2**24)`` clamped to [0, 2**24]. See ``mergecore.rng`` for the reference.
+  Optional ``bits``: a uint8 tensor of ``ceil(n / 8)`` bytes on the inputs' device, a cache
+  of the keep decisions (entry j: bit ``j & 7`` of byte ``j >> 3``). A backend that sets
+  ``CACHES_RANDOM_MASKS = True`` writes them in ``masked_l1`` and reads them in a later
+  ``combine`` given the same mask, instead of evaluating the Philox stream twice (the
+  caller passes a mask with ``bits`` to ``combine`` only after ``masked_l1`` filled them);
+  other backends ignore ``bits``.
 
 Primitives (what a backend module exports)
 ------------------------------------------
@@ -76,7 +82,7 @@ leaves the check to the caller (``mergecore.ops`` then counts with one extra pas
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -126,6 +132,8 @@ class KeepRandom:
     threshold24: int
     key0: int
     key1: int
+    #: the keep-bit cache (see module docstring): not part of the mask's identity
+    bits: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 Mask = KeepAll | KeepTop | KeepBand | KeepRandom
