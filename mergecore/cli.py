@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from mergecore import __version__
-from mergecore.units import human_bytes, positive_int, positive_size, shard_size
+from mergecore.units import human_bytes, positive_int, positive_size, size_arg
 
 # mergekit-yaml switches and options that have no effect here (mergecore streams, applies LoRA
 # on the fly and runs no model code), accepted so existing command lines keep working
@@ -33,7 +33,7 @@ def _add_merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="compute device: cpu, cuda, cuda:1 ..., or auto (cuda when there is a "
                         "GPU); wins over --cuda, as in mergekit")
-    p.add_argument("--out-shard-size", default="5B", type=shard_size,
+    p.add_argument("--out-shard-size", default="5B", type=size_arg,
                    help="bytes per output shard (default 5B = 5e9, like mergekit; 0: one shard)")
     p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
                    help="copy the tokenizer of the base (or tokenizer_source) model (default)")

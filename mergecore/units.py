@@ -23,25 +23,21 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SUFFIX[match.group(2).upper()])
 
 
-def positive_size(text: str | int) -> int:
-    """``parse_size`` for command-line sizes that must be at least one byte; errors are
-    ``argparse.ArgumentTypeError``, which argparse prints after the flag's name."""
+def size_arg(text: str | int) -> int:
+    """``parse_size`` for command-line sizes (``--out-shard-size``, where 0 means no limit,
+    one shard, as mergekit reads it); errors are ``argparse.ArgumentTypeError``, which
+    argparse prints after the flag's name."""
     try:
-        size = parse_size(text)
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_size(text: str | int) -> int:
+    """``size_arg`` for command-line sizes that must be at least one byte."""
+    size = size_arg(text)
     if size <= 0:
         raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
-    return size
-
-
-def shard_size(text: str | int) -> int:
-    """``--out-shard-size``: ``parse_size``, where 0 means no limit (one shard), as mergekit
-    reads it; errors are ``argparse.ArgumentTypeError``."""
-    try:
-        size = parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
     return size
 
 

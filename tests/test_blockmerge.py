@@ -18,7 +18,7 @@ import yaml
 from mergecore.config import ConfigError, load_merge, parse_documents, stage_dependencies
 from mergecore.config.blockmerge import (
     BlockMergeOperation,
-    architecture_tensor_order,
+    architecture_order,
     operation_ratios,
 )
 from mergecore.merge import MergeOptions, run_merge
@@ -331,7 +331,7 @@ def test_tied_embedding_model_merges_with_the_rule_s_ratios(tied_family, tmp_pat
 def test_order_needs_architectures_and_model_type(family, tmp_path):
     for config in (None, {}, {"model_type": "llama"}, {"architectures": ["LlamaForCausalLM"]}):
         with pytest.raises(ConfigError, match="names no architectures / model_type") as info:
-            architecture_tensor_order(config, "model_path1 'm'")
+            architecture_order(config, "model_path1 'm'")
         assert "model_path1 'm'" in str(info.value)
     # through a merge: model 1's config.json lost its architectures
     m1 = tmp_path / "m1"
@@ -350,10 +350,10 @@ def test_order_of_an_unknown_class_or_model_type_is_an_error(family):
     config = json.loads((family[0] / "config.json").read_text())
     with pytest.raises(ConfigError, match="cannot learn the tensor order of NoSuchForCausalLM "
                        "from transformers: transformers has no class 'NoSuchForCausalLM'"):
-        architecture_tensor_order({**config, "architectures": ["NoSuchForCausalLM"]}, "here")
+        architecture_order({**config, "architectures": ["NoSuchForCausalLM"]}, "here")
     with pytest.raises(ConfigError, match="here: cannot learn the tensor order of "
                        "LlamaForCausalLM from transformers"):
-        architecture_tensor_order({**config, "model_type": "no_such_model_type"}, "here")
+        architecture_order({**config, "model_type": "no_such_model_type"}, "here")
 
 
 def test_order_without_transformers_says_how_to_install_it(family, monkeypatch):
@@ -361,4 +361,4 @@ def test_order_without_transformers_says_how_to_install_it(family, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
     with pytest.raises(ConfigError, match="needs transformers to learn the tensor order of "
                        "LlamaForCausalLM: pip install transformers"):
-        architecture_tensor_order(config, "here")
+        architecture_order(config, "here")

@@ -13,7 +13,7 @@ The YAML (Gryphe's BlockMerge_Gradient format)::
          layer_only: false, no_layers: false}
 
 The rule (docs/semantics.md, "BlockMerge_Gradient"). The tensor names, in the order of the
-model class's ``state_dict()`` (``architecture_tensor_order``), are filtered per operation:
+model class's ``state_dict()`` (``architecture_order``), are filtered per operation:
 names containing "layer" with ``layer_only``, names without it with ``no_layers``, then
 names containing ``filter``. With ``m = len(g) - 1`` sections and ``q = len(names) // m``,
 the ratios are ``linspace(g[j], g[j + 1], q)`` for each section ``j``, then ``g[m]`` for the
@@ -195,13 +195,6 @@ def architecture_order(config: Mapping[str, Any] | None, where: str) -> Architec
     except Exception as exc:  # noqa: BLE001 - any failure to build the class
         raise ConfigError(f"{where}: cannot learn the tensor order of {arch} from "
                           f"transformers: {exc}") from None
-
-
-def architecture_tensor_order(config: Mapping[str, Any] | None, where: str) -> list[str]:
-    """Tensor names in the order of the model class's ``state_dict()`` (see
-    :func:`architecture_order`). Raises ``ConfigError`` (naming ``where``) when the order
-    cannot be known."""
-    return list(architecture_order(config, where).names)
 
 
 def _unordered_problem(where: str, ckpt: Any, order: ArchitectureOrder,
