@@ -133,6 +133,8 @@ class ArchitectureOrder:
     #: (``_keys_to_ignore_on_load_unexpected``, old per-layer ``rotary_emb.inv_freq``, old
     #: persistent ``position_ids``): None when there are none
     ignore_unexpected: re.Pattern[str] | None = None
+    #: the version of transformers the order came from (error messages name it)
+    transformers_version: str = ""
 
     def ignorable(self, name: str) -> bool:
         """Whether a checkpoint tensor outside ``names`` is legitimately there: a buffer of
@@ -149,11 +151,10 @@ class ArchitectureOrder:
                 if n not in known and getattr(info, "is_float", True) and not self.ignorable(n)]
 
 
-def _ignore_pattern(model: Any) -> re.Pattern[str] | None:
-    """The regex of checkpoint names transformers ignores when loading into ``model``
-    (``PreTrainedModel._adjust_missing_and_unexpected_keys``)."""
+def _ignore_pattern(model: Any, buffers: frozenset[str]) -> re.Pattern[str] | None:
+    """The regex of checkpoint names transformers ignores when loading into ``model`` (whose
+    buffer names are ``buffers``; ``PreTrainedModel._adjust_missing_and_unexpected_keys``)."""
     patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-    buffers = [name for name, _ in model.named_buffers()]
     if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
         patterns.add(r"rotary_emb\.inv_freq")
     if any(b.endswith("position_ids") for b in buffers):
@@ -186,9 +187,9 @@ def architecture_order(config: Mapping[str, Any] | None, where: str) -> Architec
         hf_config = transformers.AutoConfig.for_model(config["model_type"], **fields)
         with torch.device("meta"):
             model = cls(hf_config)
-        return ArchitectureOrder(arch, tuple(model.state_dict().keys()),
-                                 frozenset(name for name, _ in model.named_buffers()),
-                                 _ignore_pattern(model))
+        buffers = frozenset(name for name, _ in model.named_buffers())
+        return ArchitectureOrder(arch, tuple(model.state_dict().keys()), buffers,
+                                 _ignore_pattern(model, buffers), transformers.__version__)
     except ImportError:
         raise ConfigError(f"{where}: BlockMerge_Gradient needs transformers to learn the "
                           f"tensor order of {arch}: pip install transformers") from None
@@ -199,12 +200,7 @@ def architecture_order(config: Mapping[str, Any] | None, where: str) -> Architec
 
 def _unordered_problem(where: str, ckpt: Any, order: ArchitectureOrder,
                        missing: Sequence[str]) -> str:
-    try:
-        import transformers
-
-        version = f" {transformers.__version__}"
-    except ImportError:  # pragma: no cover - architecture_order needed it
-        version = ""
+    version = f" {order.transformers_version}" if order.transformers_version else ""
     examples = ", ".join(repr(n) for n in missing[:3])
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
     files = "its files" if str(ckpt.path) in where else str(ckpt.path)
