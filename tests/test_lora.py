@@ -149,7 +149,8 @@ def test_update_of_the_common_vocabulary_rows_is_the_cut_full_update(models):
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             full = ad.apply(name, state[name])
             cut = ad.apply(name, state[name][:100])
-            assert ulp_diff(cut, full[:100]).max() <= 1
+            # the same bits: the low-rank product is formed at full shape, then cut
+            assert torch.equal(cut, full[:100])
 
 
 def test_bin_adapter_gives_the_same_result(models, tmp_path):

@@ -97,7 +97,11 @@ class LoraUpdate:
         """``weight`` with the update applied: a new tensor of ``weight``'s dtype and device.
 
         ``weight`` may hold only the first rows of the target (a vocabulary cut to the rows
-        all models share); the update is then cut the same way. ``weight`` is never modified.
+        all models share); the update is then cut the same way, after the low-rank product
+        ``B @ A`` is formed at the target's full shape, so every row of the result has the same
+        bits whether or not the weight was cut (a fused recipe applies the adapter before the
+        cut, a single merge after it; a GEMM of fewer rows may pick another algorithm on a GPU).
+        ``weight`` is never modified.
         """
         rows = weight.shape[0] if weight.dim() else None
         cut = rows is not None and rows < self.shape[0]
@@ -111,12 +115,10 @@ class LoraUpdate:
         if self.lora_a is not None:
             a = self.lora_a.to(weight.device, torch.float32)
             b = self.lora_b.to(weight.device, torch.float32)
-            if cut:
-                a, b = (a[:, :rows], b) if self.transpose else (a, b[:rows])
             delta = b @ a
             if self.transpose:
                 delta = delta.T
-            out.add_(delta.mul_(self.scale))
+            out.add_((delta[:rows] if cut else delta).mul_(self.scale))
         if self.bias is not None:
             bias = self.bias.to(weight.device, torch.float32)
             out.add_((bias[:rows] if cut else bias) * self.scale)
