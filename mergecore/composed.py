@@ -11,6 +11,7 @@ stream, so they are identical on every backend (see ``mergecore.backends.spec``)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
@@ -33,6 +34,7 @@ from mergecore.methods import (
     MergeJob,
     band_sizes,
     l1_rescale_factor,
+    linear_divisor,
     magnitude_k,
     slerp_coefficients,
     sum_divisor,
@@ -116,7 +118,7 @@ def _combine_job(job: MergeJob, out: torch.Tensor, masks, factors) -> CombineJob
     traits = job.traits
     xs = [_flat(x) for x in job.xs]
     if traits.combine == "linear":
-        div = sum_divisor(job.weights, job.normalize)
+        div = linear_divisor(job.weights, job.normalize)
         coefs = [w / div for w in job.weights]
         return CombineJob(out, None, xs, [KeepAll()] * len(xs), coefs, job.weights, "sum",
                           False, 1.0)
@@ -127,6 +129,22 @@ def _combine_job(job: MergeJob, out: torch.Tensor, masks, factors) -> CombineJob
         return CombineJob(out, base, xs, masks, coefs, job.weights, "sum", False, 1.0)
     coefs = [w * r for w, r in zip(job.weights, factors)]
     return CombineJob(out, base, xs, masks, coefs, job.weights, "elect", job.normalize, job.lam)
+
+
+def _float64_sums(a: torch.Tensor, b: torch.Tensor,
+                  chunk: int = 1 << 22) -> tuple[float, float, float]:
+    """``(a.a, b.b, a.b)`` accumulated in float64, a chunk at a time: the slerp reduction
+    again when the kernels' fp32 partial sums overflowed (elements near 1e19 and above) or
+    an input holds NaN/Inf (then the sums are not finite either, and the coefficients NaN)."""
+    a, b = _flat(a), _flat(b)
+    aa = bb = ab = 0.0
+    for start in range(0, a.numel(), chunk):
+        x = a[start:start + chunk].double()
+        y = b[start:start + chunk].double()
+        aa += float(x @ x)
+        bb += float(y @ y)
+        ab += float(x @ y)
+    return aa, bb, ab
 
 
 def allocate_outputs(jobs: Sequence[MergeJob]) -> list[torch.Tensor]:
@@ -164,6 +182,8 @@ def merge_jobs(
         sums = prims.slerp_reduce_many([(_flat(j.base), _flat(j.xs[0])) for _, j in slerps])
         lerps = []
         for (k, job), (aa, bb, ab) in zip(slerps, sums):
+            if not all(math.isfinite(v) for v in (aa, bb, ab)):
+                aa, bb, ab = _float64_sums(job.base, job.xs[0])
             c0, c1 = slerp_coefficients(aa, bb, ab, job.t)
             lerps.append(Lerp2Job(_flat(outs[k]), _flat(job.base), _flat(job.xs[0]), c0, c1))
         bad = prims.lerp2_many(lerps)

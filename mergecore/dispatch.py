@@ -71,13 +71,18 @@ def load_backend(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
-def backend_name(method: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """The backend that will run ``method`` on tensors of this device and dtype."""
+def backend_name(method: str, device: torch.device | str, dtype: torch.dtype,
+                 out_dtype: torch.dtype | None = None) -> str:
+    """The backend that will run ``method`` on tensors of this device and dtype, giving
+    ``out_dtype`` (default: ``dtype``). float64 inputs or outputs are the reference
+    backend's (the kernels read and write bfloat16, float16 and float32), whatever
+    ``MERGECORE_BACKEND`` says."""
+    kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    if dtype not in kernel_dtypes or (out_dtype is not None and out_dtype not in kernel_dtypes):
+        return "reference"
     forced = forced_backend()
     if forced is not None:
         return forced
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return "reference"
     name = DISPATCH_TABLE.get((method, torch.device(device).type), "reference")
     if name != "reference" and load_backend(name) is None:
         return "reference"

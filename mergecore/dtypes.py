@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: float8 dtypes: checkpoints may hold them; merges read them as float32
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 _NAMES = {
     "float32": torch.float32,

@@ -7,6 +7,11 @@ class MergeError(ValueError):
     """A merge cannot be computed as asked (bad parameters, bad inputs)."""
 
 
+class MergeTypeError(MergeError, TypeError):
+    """An argument of the wrong kind (not a tensor, an integer tensor, a dtype the kernels
+    cannot write): a ``TypeError`` and a ``MergeError`` both."""
+
+
 class NonFiniteError(MergeError):
     """An input (or a merge result from finite inputs) holds NaN or Inf.
 

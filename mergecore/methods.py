@@ -46,8 +46,9 @@ METHODS: dict[str, MethodTraits] = {
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_NORM_EPS = 1e-8
 RESCALE_L1_EPS = 1e-7
-#: a weight sum closer to 0 than this counts as zero (0.1 + 0.2 - 0.3 is 5.6e-17, not 0): an
-#: error for linear with normalize, no division for the other methods
+#: a weight sum within this of 0 counts as zero (0.1 + 0.2 - 0.3 is 5.6e-17, not 0): relative
+#: to the weights' magnitudes for linear with normalize (an error, ``weights_cancel``), absolute
+#: for the other methods (no division, ``sum_divisor``, as mergekit does)
 NORMALIZE_EPS = 1e-8
 
 
@@ -130,8 +131,11 @@ def slerp_coefficients(aa: float, bb: float, ab: float, t: float) -> tuple[float
 
     ``n0 = sqrt(aa)``, ``n1 = sqrt(bb)`` (a norm <= 1e-8 counts as 1); ``dot = ab / (n0 n1)``;
     ``|dot| > 0.9995``: lerp ``(1 - t, t)``; else ``theta = acos(dot)``,
-    ``s0 = sin((1-t) theta) / sin(theta)``, ``s1 = sin(t theta) / sin(theta)``.
+    ``s0 = sin((1-t) theta) / sin(theta)``, ``s1 = sin(t theta) / sin(theta)``. A sum that is
+    not finite (a NaN/Inf input) gives NaN coefficients.
     """
+    if not all(math.isfinite(v) for v in (aa, bb, ab)):
+        return math.nan, math.nan  # a NaN/Inf input: the output says so (NonFiniteError)
     n0 = math.sqrt(max(aa, 0.0))
     n1 = math.sqrt(max(bb, 0.0))
     n0 = n0 if n0 > SLERP_NORM_EPS else 1.0
@@ -151,8 +155,21 @@ def l1_rescale_factor(l1_all: float, l1_kept: float) -> float:
     return l1_all / l1_kept
 
 
+def weights_cancel(weights: Sequence[float]) -> bool:
+    """Whether the weights sum to zero up to their own rounding: ``|sum w| <= 1e-8 sum |w|``
+    (so ``[0.1, 0.2, -0.3]`` cancels, ``[1e-9, 1e-9]`` does not). linear with normalize
+    refuses such weights: it would divide by (nearly) nothing."""
+    return abs(math.fsum(weights)) <= NORMALIZE_EPS * math.fsum(abs(w) for w in weights)
+
+
+def linear_divisor(weights: Sequence[float], normalize: bool) -> float:
+    """Divisor of linear: ``sum w`` with normalize (weights that cancel were refused), else 1."""
+    return math.fsum(weights) if normalize else 1.0
+
+
 def sum_divisor(weights: Sequence[float], normalize: bool) -> float:
-    """Divisor of the non-elect combine: ``sum w`` with normalize (1 when ``|sum w| < 1e-8``)."""
+    """Divisor of the other non-elect combines (task arithmetic, DARE, breadcrumbs): ``sum w``
+    with normalize, 1 when ``|sum w| < 1e-8`` (mergekit's rule)."""
     if not normalize:
         return 1.0
     total = math.fsum(weights)

@@ -9,32 +9,88 @@ input's). Formulas: ``docs/semantics.md`` and ``mergecore.methods``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergecore import dispatch
 from mergecore.composed import NonFiniteCounts
-from mergecore.dtypes import parse_dtype
-from mergecore.errors import MergeError, NonFiniteError
-from mergecore.methods import METHODS, NORMALIZE_EPS, MergeJob
+from mergecore.dtypes import KERNEL_DTYPES, parse_dtype
+from mergecore.errors import MergeError, MergeTypeError, NonFiniteError
+from mergecore.methods import METHODS, MergeJob, weights_cancel
 
 Floats = float | Sequence[float]
 
+#: The dtypes of inputs and outputs: the kernels' three, and float64 (the reference backend
+#: computes merges that read or write it).
+OUT_DTYPES = (*KERNEL_DTYPES, torch.float64)
+
+
+def _is_scalar(value: Any) -> bool:
+    """A Python or NumPy number, or a tensor / array of one element with no dimensions."""
+    if isinstance(value, (numbers.Real, np.generic)):
+        return True
+    return isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0
+
+
+def _finite(value: Any, what: str, name: str) -> float:
+    """``value`` as a finite float, or a MergeError naming the parameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MergeTypeError(f"tensor {name!r}: {what} must be a number, not "
+                             f"{type(value).__name__}") from None
+    if not math.isfinite(number):
+        raise MergeError(f"tensor {name!r}: {what} is {number}, not a finite number")
+    return number
+
 
 def _per_model(value: Floats | None, n: int, what: str, name: str) -> list[float]:
+    """One finite value per model: a number (given to every model) or a sequence / 1-D
+    tensor / array of ``n`` numbers."""
     if value is None:
         raise MergeError(f"tensor {name!r}: parameter {what!r} is required")
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    if isinstance(value, torch.Tensor):
+    if _is_scalar(value):
+        return [_finite(value, what, name)] * n
+    if isinstance(value, (torch.Tensor, np.ndarray)):
         value = value.reshape(-1).tolist()
-    values = [float(v) for v in value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise MergeTypeError(f"tensor {name!r}: {what} must be a number or one number per "
+                             f"model, not {type(value).__name__}")
+    values = list(value)
     if len(values) != n:
         raise MergeError(f"tensor {name!r}: {len(values)} values of {what!r} for {n} models")
-    return values
+    return [_finite(v, f"{what}[{i}]", name) for i, v in enumerate(values)]
+
+
+def _input_label(k: int, has_base: bool) -> str:
+    """How an error names input ``k`` of ``[base, *tensors]`` (or of ``tensors``)."""
+    if has_base:
+        return "base" if k == 0 else f"tensors[{k - 1}]"
+    return f"tensors[{k}]"
+
+
+def _out_dtype(out_dtype: torch.dtype | str | None, default: torch.dtype,
+               name: str) -> torch.dtype:
+    """The output dtype asked for (a dtype or a name), checked: bfloat16, float16, float32 or
+    float64 (computed by the float64 reference backend)."""
+    if isinstance(out_dtype, str) and out_dtype.lower().removeprefix("torch.") in (
+            "float64", "double", "fp64"):
+        dtype = torch.float64
+    else:
+        try:
+            dtype = parse_dtype(out_dtype) or default
+        except ValueError as exc:
+            raise MergeTypeError(f"tensor {name!r}: out_dtype: {exc}") from None
+    if not isinstance(dtype, torch.dtype) or dtype not in OUT_DTYPES:
+        raise MergeTypeError(f"tensor {name!r}: out_dtype {dtype} is not supported (bfloat16, "
+                             "float16, float32, or float64 with float64 inputs)")
+    return dtype
 
 
 def _rescale_mode(rescale: bool | str | None) -> str | None:
@@ -75,22 +131,29 @@ def make_job(
         raise MergeError(f"tensor {name!r}: {method} needs at least one input tensor")
     everything = ([base] if base is not None else []) + tensors
     first = everything[0]
+    first_label = _input_label(0, base is not None)
     for k, tensor in enumerate(everything):
+        label = _input_label(k, base is not None)
         if not isinstance(tensor, torch.Tensor):
-            raise MergeError(f"tensor {name!r}: input {k} is a {type(tensor).__name__}, not a tensor")
-        if not tensor.is_floating_point():
-            raise MergeError(f"tensor {name!r}: input {k} has non-float dtype {tensor.dtype}")
+            raise MergeTypeError(f"tensor {name!r}: {label} is a {type(tensor).__name__}, "
+                                 "not a tensor")
+        if tensor.dtype not in OUT_DTYPES:
+            raise MergeTypeError(f"tensor {name!r}: {label} has dtype {tensor.dtype}; merges "
+                                 "take bfloat16, float16, float32 or float64 tensors")
+        if tensor.device.type == "meta":
+            raise MergeError(f"tensor {name!r}: {label} is on the meta device (it has no data)")
         if tensor.shape != first.shape:
             raise MergeError(
-                f"tensor {name!r}: input {k} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(first.shape)}"
+                f"tensor {name!r}: {label} has shape {tuple(tensor.shape)}, "
+                f"{first_label} has {tuple(first.shape)}"
             )
         if tensor.device != first.device:
-            raise MergeError(f"tensor {name!r}: inputs on {first.device} and {tensor.device}")
+            raise MergeError(f"tensor {name!r}: {first_label} is on {first.device}, {label} on "
+                             f"{tensor.device}")
     work_dtype = first.dtype
     for tensor in everything[1:]:
         work_dtype = torch.promote_types(work_dtype, tensor.dtype)
-    everything = [t_.to(work_dtype).contiguous() for t_ in everything]
+    everything = [t_.detach().to(work_dtype).contiguous() for t_ in everything]
     if base is not None:
         base, tensors = everything[0], everything[1:]
     else:
@@ -100,12 +163,12 @@ def make_job(
         method=method,
         base=base,
         xs=tensors,
-        out_dtype=parse_dtype(out_dtype) or first.dtype,
+        out_dtype=_out_dtype(out_dtype, first.dtype, name),
         normalize=traits.default_normalize if normalize is None else bool(normalize),
-        lam=float(lambda_),
+        lam=_finite(lambda_, "lambda", name),
         rescale=_rescale_mode(traits.default_rescale if rescale is None else rescale),
-        t=float(t),
-        scale=None if scale is None else float(scale),
+        t=_finite(t, "t", name),
+        scale=None if scale is None else _finite(scale, "scale", name),
         seed=int(seed),
         name=name,
     )
@@ -117,8 +180,14 @@ def make_job(
         job.weights = _per_model(weights, n, "weight", name)
         job.densities = _per_model(densities, n, "density", name)
         job.gammas = _per_model(gammas, n, "gamma", name)
-    if traits.combine == "linear" and job.normalize and abs(sum(job.weights)) < NORMALIZE_EPS:
-        raise MergeError(f"tensor {name!r}: linear with normalize needs a non-zero weight sum")
+    if traits.sparsify is not None:
+        for i, density in enumerate(job.densities):
+            if density < 0:
+                raise MergeError(f"tensor {name!r}: density[{i}] is {density}, a density is "
+                                 "at least 0")
+    if traits.combine == "linear" and job.normalize and weights_cancel(job.weights):
+        raise MergeError(f"tensor {name!r}: linear with normalize needs a non-zero weight sum "
+                         f"(the weights {job.weights} sum to 0; set normalize=False)")
     return job
 
 
@@ -188,13 +257,53 @@ def merge_many(
 ) -> list[torch.Tensor]:
     """Compute many jobs, grouped by backend, each group in one batched backend call.
 
-    ``outs``: optional preallocated contiguous outputs (one per job) to write into.
+    ``outs``: optional preallocated outputs (one per job, of the job's shape, ``out_dtype``
+    and device) to write into; a non-contiguous one is filled from a contiguous result.
     ``backend``: run every job on this backend instead of the dispatch table's choice.
+    No autograd: outputs never carry a graph (the kernels have no backward).
     """
+    with torch.no_grad():
+        if outs is None:
+            return _merge_many(jobs, None, check_finite, backend)
+        outs = _checked_outs(jobs, outs)
+        staged = [o if o.is_contiguous() else torch.empty(o.shape, dtype=o.dtype,
+                                                         device=o.device) for o in outs]
+        results = _merge_many(jobs, staged, check_finite, backend)
+        for given, result in zip(outs, results):
+            if given is not result:
+                given.copy_(result)
+        return outs
+
+
+def _checked_outs(jobs: Sequence[MergeJob], outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``outs`` as a list, each checked against its job (shape, dtype, device)."""
+    outs = list(outs)
+    if len(outs) != len(jobs):
+        raise MergeError(f"outs has {len(outs)} tensors for {len(jobs)} jobs")
+    for k, (job, out) in enumerate(zip(jobs, outs)):
+        ref = job.base if job.base is not None else job.xs[0]
+        if not isinstance(out, torch.Tensor):
+            raise MergeTypeError(f"tensor {job.name!r}: outs[{k}] is a {type(out).__name__}, "
+                                 "not a tensor")
+        if out.shape != ref.shape or out.dtype != job.out_dtype or out.device != ref.device:
+            raise MergeError(
+                f"tensor {job.name!r}: outs[{k}] is {tuple(out.shape)} {out.dtype} on "
+                f"{out.device}; the merge gives {tuple(ref.shape)} {job.out_dtype} on "
+                f"{ref.device}")
+    return outs
+
+
+def _merge_many(jobs: Sequence[MergeJob], outs: list[torch.Tensor] | None, check_finite: bool,
+                backend: str | None) -> list[torch.Tensor]:
     groups: dict[str, list[int]] = defaultdict(list)
     for k, job in enumerate(jobs):
         ref = job.base if job.base is not None else job.xs[0]
-        name = backend or dispatch.backend_name(job.method, ref.device, ref.dtype)
+        name = backend or dispatch.backend_name(job.method, ref.device, ref.dtype,
+                                                job.out_dtype)
+        if name != "reference" and torch.float64 in (ref.dtype, job.out_dtype):
+            raise MergeTypeError(f"tensor {job.name!r}: backend {name!r} reads and writes "
+                                 "bfloat16, float16 and float32; float64 tensors are the "
+                                 "reference backend's")
         groups[name].append(k)
     results: list[torch.Tensor | None] = [None] * len(jobs)
     known = [NonFiniteCounts() for _ in jobs]
@@ -307,11 +416,16 @@ def batched(method: str, bases: Sequence[torch.Tensor | None] | None,
     """
     count = len(tensor_lists)
     names = params.pop("names", None) or [f"tensor{j}" for j in range(count)]
+    for what, given in (("names", names), ("bases", bases)):
+        if given is not None and len(given) != count:
+            raise MergeError(f"{what!r} has {len(given)} entries for {count} merges")
     per_model = {"weights", "densities", "gammas"}
     jobs = []
     for j in range(count):
         kwargs = {}
         for key, value in params.items():
+            if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 1:
+                value = value.tolist()  # one value per merge (or per model)
             is_list = isinstance(value, (list, tuple))
             if is_list and (key not in per_model or (value and isinstance(value[0], (list, tuple)))):
                 if len(value) != count:
@@ -326,4 +440,6 @@ def batched(method: str, bases: Sequence[torch.Tensor | None] | None,
 def slerp_batched(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
                   t: float | Sequence[float], **params: Any) -> list[torch.Tensor]:
     """``slerp(a_list[j], b_list[j], t[j])`` for every j, in one batched call."""
+    if len(a_list) != len(b_list):
+        raise MergeError(f"slerp_batched: {len(a_list)} tensors a and {len(b_list)} tensors b")
     return batched("slerp", a_list, [[b] for b in b_list], t=t, **params)

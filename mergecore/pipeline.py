@@ -30,7 +30,7 @@ import torch
 
 from mergecore.budget import ByteBudget, auto_budget, available_memory
 from mergecore.buffer_pool import BufferPool
-from mergecore.dtypes import parse_dtype
+from mergecore.dtypes import FLOAT8_DTYPES, parse_dtype
 from mergecore.errors import NonFiniteError
 from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
 from mergecore.lora.inputs import PlanAdapters, apply_updates, updates_to
@@ -64,7 +64,11 @@ class PipelineOptions:
 
 @dataclass
 class PipelineStats:
-    """What one run did and how long each stage was busy (seconds, wall clock)."""
+    """What one run did and how long each stage was busy (seconds, wall clock).
+
+    ``wall`` runs from the first read to the finalized output: it includes ``finish``, the
+    time after the last tensor was handed to the writer (the last shard's hash, fsync and
+    rename, the side files, the index), which ``write_busy`` does not."""
 
     tensors: int = 0
     bytes_read: int = 0
@@ -73,12 +77,18 @@ class PipelineStats:
     read_busy: float = 0.0
     compute_busy: float = 0.0
     write_busy: float = 0.0
+    finish: float = 0.0
     peak_budget_bytes: int = 0
     budget_bytes: int = 0  # the budget the run had (--max-memory, or the automatic one)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "extra"} | self.extra
+
+    def add_finish(self, seconds: float) -> None:
+        """Count the time spent finalizing the output (``finish``) in the wall time."""
+        self.finish += seconds
+        self.wall += seconds
 
 
 @dataclass
@@ -245,6 +255,8 @@ class MergePipeline:
         compute_dtype = parse_dtype(planned.compute_dtype) if planned.compute_dtype else None
         if compute_dtype is not None:
             inputs = [t.to(compute_dtype) if t.is_floating_point() else t for t in inputs]
+        else:  # float8 inputs are read as float32 (the planner gave them another out dtype)
+            inputs = [t.float() if t.dtype in FLOAT8_DTYPES else t for t in inputs]
         out_dtype = SAFETENSORS_DTYPES[planned.out_dtype][0]
         gp = planned.global_params or {}
         ip = planned.input_params or {}

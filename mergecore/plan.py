@@ -70,8 +70,14 @@ from mergecore.config.schema import (
     ModelRef,
     parse_model_ref,
 )
-from mergecore.io.types import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Checkpoint, TensorInfo
-from mergecore.methods import NORMALIZE_EPS
+from mergecore.io.types import (
+    FLOAT8_CODES,
+    SAFETENSORS_DTYPES,
+    TORCH_TO_SAFETENSORS,
+    Checkpoint,
+    TensorInfo,
+)
+from mergecore.methods import weights_cancel
 
 #: Name parts of tensors indexed by the vocabulary (used when a config has no vocab_size).
 _VOCAB_NAME_MARKERS = ("embed", "lm_head", "wte", "word_embeddings", "tok_embeddings",
@@ -392,25 +398,21 @@ class _Planner:
 
     # --- parameters ---
     def resolve(self, group: _Group, names: list[str], out_name: str, u: float
-                ) -> tuple[dict[str, Any], dict[str, list[Any]], bool] | None:
-        """The tensor's global and per-input parameters, and whether all resolved (with
-        ``report_parameters`` off, a value that does not resolve is None); None after a
-        problem was recorded."""
+                ) -> tuple[dict[str, Any], dict[str, list[Any]]] | None:
+        """The tensor's global and per-input parameters (with ``report_parameters`` off, a
+        value that does not resolve is None); None after a problem was recorded."""
         top = self.config.parameters
         base_pos = group.base_position() if self.method.needs_base else None
         glob: dict[str, Any] = {}
         per: dict[str, list[Any]] = {}
-        unresolved = False
 
         def value(spec: ParamSpec, chain: list[Mapping[str, Setting]], **where: Any) -> Any:
-            nonlocal unresolved
             try:
                 return resolve_parameter(spec, chain, u=u, **where)
             except ValueError:
                 if self.report_parameters:
                     raise
-                unresolved = True  # the YAML check reports it; the others are still checked
-                return None
+                return None  # the YAML check reports it; the others are still checked
 
         try:
             for spec in self.method.global_params:
@@ -430,7 +432,7 @@ class _Planner:
             key = msg[:tensor_at] if tensor_at > 0 else msg
             self.issue(f"{group.where}: {key}", out_name)
             return None
-        return glob, per, not unresolved
+        return glob, per
 
     def check_values(self, out_name: str, numel: int, group: _Group, base_pos: int | None,
                      glob: dict[str, Any], per: dict[str, list[Any]]) -> None:
@@ -438,7 +440,7 @@ class _Planner:
         others = [k for k in range(len(group.sources)) if k != base_pos]
         weights = per.get("weight", [])
         if (m == "linear" and glob.get("normalize") and not self.dropped
-                and None not in weights and abs(sum(weights)) < NORMALIZE_EPS):
+                and None not in weights and weights_cancel(weights)):
             self.issue("linear with normalize: the weights sum to 0 (set normalize: false "
                        "or change the weights)", out_name)
         for k in others:
@@ -534,12 +536,12 @@ class _Planner:
         resolved = self.resolve(group, names, out_name, u)
         if resolved is None:
             return
-        glob, per, complete = resolved
+        glob, per = resolved
         base_pos = group.base_position() if self.method.needs_base else None
         numel = math.prod(shape)
         self.check_values(out_name, numel, group, base_pos, glob, per)
-        if not complete:
-            return  # only checked (structure_problems): this plan is never run
+        # with ``report_parameters`` off some values may be None (structure_problems,
+        # shape_plan): the tensor is planned for its shape and dtype; such a plan never runs
         if self.method.name == "passthrough":
             glob["scale"] = per["scale"][0]
         if self.out_dtype_name is not None:
@@ -551,6 +553,11 @@ class _Planner:
                 self.problems.add(f"tensor {out_name!r}", f"dtypes {desc} have no common "
                                   "output dtype (float8 promotes only to itself); set "
                                   "dtype or out_dtype")
+                return
+            if out_code in FLOAT8_CODES:
+                self.problems.add(f"tensor {out_name!r}", f"float8 inputs ({out_code}) are "
+                                  "merged in float32 and not written back as float8; set "
+                                  "dtype or out_dtype (bfloat16, float16 or float32)")
                 return
         inputs = [PlannedInput(s.ref.ref, info, s.ref.adapter,
                                rows if rows is not None and info.shape[0] > rows
@@ -771,11 +778,30 @@ def structure_problems(config: MergeConfig, checkpoints: Mapping[str, Checkpoint
     return []
 
 
+def shape_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
+               allow_crimes: bool = False) -> MergePlan | None:
+    """The plan of a stage whose ``build_plan`` failed only on parameters that do not
+    resolve (a missing ``weight`` ...): its tensors, shapes, output dtypes and config.json
+    are still known, so later documents of a recipe can be checked against what it would
+    output in the same run. Unresolved parameters are None: the plan is for checking, never
+    for merging. None when the headers show problems too (or the config cannot be planned
+    at all). Reads no tensor data."""
+    if config.blockmerge is not None or config.merge_method not in METHODS:
+        return None
+    planner = _Planner(config, checkpoints, out_dtype=None, allow_crimes=allow_crimes,
+                       report_parameters=False)
+    try:
+        return planner.run(None)
+    except Exception:  # noqa: BLE001 - ConfigError, or a config too broken to plan
+        return None
+
+
 __all__ = [
     "MergePlan",
     "PlannedInput",
     "PlannedTensor",
     "build_plan",
     "distinct_input_bytes",
+    "shape_plan",
     "structure_problems",
 ]

@@ -244,6 +244,37 @@ def test_float8_next_to_other_float_dtypes_is_a_named_problem(tmp_path, small_fa
     assert main(["merge", str(_write(path, cfg)), str(tmp_path / "out"), "--quiet"]) == 0
 
 
+def test_float8_models_merge_in_float32_and_need_an_output_dtype(tmp_path, small_family, capsys):
+    """Every model holding a tensor in float8: without dtype/out_dtype the merge would write
+    float8, which it does not (a named problem before anything is read); with ``out_dtype``
+    the float8 values are merged as float32 (the result is the float64 formula of the float8
+    values, rounded once)."""
+    import torch
+    from safetensors.torch import load_file
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    dirs = [_copy_model(m, tmp_path / f"m{k}") for k, m in enumerate(small_family)]
+    for d in dirs:
+        _retype(d, {name: torch.float8_e4m3fn})
+    cfg = _ties(*dirs)
+    path = _write(tmp_path / "c.yml", cfg)
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"tensor {name!r}" in err and "float8 inputs (F8_E4M3)" in err
+    assert not (tmp_path / "out").exists()
+    cfg["out_dtype"] = "float32"
+    cfg["merge_method"] = "task_arithmetic"
+    for m in cfg["models"]:
+        m["parameters"].pop("density")
+    assert main(["merge", str(_write(path, cfg)), str(tmp_path / "out"), "--quiet"]) == 0
+    got = load_file(tmp_path / "out" / "model.safetensors")[name]
+    base, *fts = (load_file(Path(d) / "model.safetensors")[name].double() for d in dirs)
+    weights = [m["parameters"]["weight"] for m in cfg["models"] if m["model"] != dirs[0]]
+    want = base + sum(w * (x - base) for w, x in zip(weights, fts))
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
 # ----- truncated and corrupted inputs ------------------------------------------------------------
 
 

@@ -231,6 +231,20 @@ def test_mergekit_edge_rules_for_tiny_densities():
         mergecore.ties(tensors[0], tensors[1:], [1.0, 0.5], [0.05, 0.5])
 
 
+@pytest.mark.parametrize("method,density", [("dare_ties", -0.25), ("dare_linear", -0.25),
+                                            ("dare_ties", float("nan")),
+                                            ("ties", float("nan"))])
+def test_densities_mergekit_cannot_use_are_errors_like_in_mergekit(method, density):
+    """mergekit 0.1.5 fails on a negative DARE density (torch.bernoulli) and on a NaN one;
+    so does mergecore, with a MergeError naming the tensor (not a silent drop or keep-all)."""
+    tensors = _family((16,), torch.float32)
+    params = {"weight": [1.0, 0.5], "density": [0.5, density]}
+    with pytest.raises(Exception):  # noqa: B017 - torch's RuntimeError or a ValueError
+        merge_tensors(tensors, get(method), parameters=params, base_index=0)
+    with pytest.raises(MergeError, match="density"):
+        merge_tensors(tensors, mc.method(method), parameters=params, base_index=0)
+
+
 def test_mergekit_input_contract_is_enforced():
     tensors = _family((8,), torch.float32)
     with pytest.raises(TypeError, match="Missing required parameter weight"):

@@ -266,6 +266,34 @@ def test_shape_mismatch_across_stages_is_reported(family, tmp_path):
     assert "document 2 (final)" in msg and "'short'" in msg and "2 layers" in msg
 
 
+@pytest.mark.parametrize("yaml_problem", [False, True])
+def test_a_stage_missing_a_parameter_still_checks_the_documents_that_use_it(
+        family, tmp_path, yaml_problem):
+    """The stage's output is known without its weights, so the final document's layer_range
+    beyond that output comes in the same error (with and without a YAML problem elsewhere,
+    which the lenient check handles)."""
+    base, ft1, _ = family
+    docs = [{"name": "mix", "merge_method": "linear", **DTYPES,
+             "models": [{"model": base, "parameters": {"weight": 0.5}}, {"model": ft1}]},
+            {"merge_method": "passthrough", **DTYPES,
+             "slices": [{"sources": [{"model": "mix", "layer_range": [0, LAYERS + 3]}]}]}]
+    if yaml_problem:
+        docs[1]["bogus_key"] = 1
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write_recipe(tmp_path / "r.yml", docs))
+    msg = str(info.value)
+    assert "document 1 (name: mix)" in msg and "weight" in msg
+    assert "document 2 (final)" in msg and f"{LAYERS + 3}" in msg and f"{LAYERS} layers" in msg
+    assert ("bogus_key" in msg) == yaml_problem
+    docs[0]["models"][1]["parameters"] = {"weight": 0.5}  # the stage fixed: the same problem
+    docs[1].pop("bogus_key", None)
+    with pytest.raises(ConfigError) as fixed:
+        load_recipe(write_recipe(tmp_path / "r.yml", docs))
+    assert "document 1" not in str(fixed.value)
+    assert [p for p in fixed.value.problems if "layer_range" in p] == [
+        p for p in info.value.problems if "layer_range" in p]
+
+
 def test_cycle_and_lora_on_a_stage_are_refused(family, tmp_path):
     base, ft1, _ = family
     cyc = [{"name": "x", "merge_method": "linear", "models": [

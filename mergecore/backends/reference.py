@@ -22,6 +22,7 @@ from mergecore.methods import (
     RESCALE_L1_EPS,
     MergeJob,
     band_sizes,
+    linear_divisor,
     magnitude_k,
     slerp_coefficients,
     sum_divisor,
@@ -82,7 +83,7 @@ def _merge_one(job: MergeJob) -> torch.Tensor:
     traits = job.traits
     f64 = torch.float64
     if traits.combine == "passthrough":
-        out = job.xs[0].to(f64)
+        out = job.xs[0].to(f64, copy=True)  # never the input itself
         if job.scale is not None:
             out = out * job.scale
         return out.to(job.out_dtype)
@@ -93,7 +94,7 @@ def _merge_one(job: MergeJob) -> torch.Tensor:
         return (s0 * a + s1 * b).reshape(shape).to(job.out_dtype)
     if traits.combine == "linear":
         total = sum(w * x.reshape(-1).to(f64) for w, x in zip(job.weights, job.xs))
-        div = sum_divisor(job.weights, job.normalize) if job.normalize else 1.0
+        div = linear_divisor(job.weights, job.normalize)
         return (total / div).reshape(shape).to(job.out_dtype)
 
     base = job.base.reshape(-1).to(f64)

@@ -67,14 +67,15 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
     directories, pickle-only or malformed checkpoints, LoRA adapters that do not fit. Then
     plans each document whose model list survived the check intact
     (``structure_is_complete``), in stage order (a document that uses a stage is planned
-    against what that stage would output, when the stage itself could be planned), leaving
-    out the models that did not open, and adds what the planner finds in the headers: shapes that differ,
-    missing tensors, layer counts, layer_range bounds, and the values of the parameters that
-    resolve (a density that keeps nothing). Parameters that do not resolve are left to the
-    YAML check. Reads no tensor data.
+    against what that stage would output, when that is known: the stage planned, or failed
+    only on parameters, ``shape_plan``), leaving out the models that did not open, and adds
+    what the planner finds in the headers: shapes that differ, missing tensors, layer counts,
+    layer_range bounds, and the values of the parameters that resolve (a density that keeps
+    nothing). Parameters that do not resolve are left to the YAML check. Reads no tensor
+    data.
     """
     from mergecore.config.schema import document_label, stage_order
-    from mergecore.plan import build_plan, structure_problems
+    from mergecore.plan import build_plan, shape_plan, structure_problems
     from mergecore.recipes.graph import stage_checkpoint
 
     stages = {c.name for _, c in parsed if c is not None and c.name is not None}
@@ -114,7 +115,11 @@ def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,
             try:  # what later documents see of this stage
                 plan = build_plan(cfg, known, allow_crimes=allow_crimes)
             except (ValueError, TypeError, KeyError, AttributeError):  # ConfigError included:
-                continue  # its problems are reported above or by the YAML check
+                # its problems are reported above or by the YAML check; when they are only
+                # parameters that do not resolve, its output is known all the same
+                plan = shape_plan(cfg, known, allow_crimes=allow_crimes)
+                if plan is None:
+                    continue
             stage_plans[cfg.name] = plan
     return problems
 

@@ -18,9 +18,10 @@ What is the same as mergekit's method: the parameters and their defaults, the in
 dtype rules (inputs promoted per group, or converted to ``dtype``; the result has the working
 dtype, then ``out_dtype``), and mergekit's edge rules for sparsification: a density >= 1
 keeps everything; TIES keeps at least one entry of a tensor when ``0 < density`` (mergecore's
-own API calls ``int(density * n) == 0`` an error); a density <= 0 (TIES, DARE) or a breadcrumbs
-density that keeps no entry drops that model's delta; the breadcrumbs outlier count shrinks when
-density and gamma do not fit.
+own API calls ``int(density * n) == 0`` an error); a density <= 0 (TIES), a DARE density of 0
+or a breadcrumbs density that keeps no entry drops that model's delta (a negative DARE density
+is an error, as torch.bernoulli makes it in mergekit; a NaN density is an error everywhere);
+the breadcrumbs outlier count shrinks when density and gamma do not fit.
 
 Where results legitimately differ (``docs/integrations.md``): mergecore computes in fp32 and
 rounds once, while mergekit's task-arithmetic family computes bf16/fp16 inputs in bf16/fp16
@@ -33,12 +34,14 @@ weight sum, raise an error instead of producing NaN; outputs carry no autograd g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from mergecore import ops
+from mergecore.errors import MergeError
 from mergecore.integrations._deps import require
 from mergecore.methods import METHODS, MergeJob
 
@@ -169,7 +172,8 @@ def _prepare(name: str, group: TensorGroup, bound: Mapping[str, Any], work: torc
     for entry, tensor in others:
         density = bound["density"][entry.id]
         gamma = bound["gamma"][entry.id] if "gamma" in bound else 0.0
-        effective = mergekit_density(kind, density, gamma, base.numel())
+        effective = mergekit_density(kind, density, gamma, base.numel(),
+                                     where=f"tensor {label!r}: model {entry.id}")
         xs.append(base if effective is None else tensor)  # None: the delta is dropped
         weights.append(bound["weight"][entry.id])
         densities.append(1.0 if effective is None else effective)
@@ -180,14 +184,21 @@ def _prepare(name: str, group: TensorGroup, bound: Mapping[str, Any], work: torc
                         out_dtype=kernel_dtype)
 
 
-def mergekit_density(kind: str | None, density: float, gamma: float, numel: int) -> float | None:
+def mergekit_density(kind: str | None, density: float, gamma: float, numel: int, *,
+                     where: str = "density") -> float | None:
     """The mergecore density that keeps what mergekit 0.1.5's sparsifier keeps for ``kind``
     (``"magnitude"``, ``"band"`` = magnitude_outliers, ``"random"``, None); None when mergekit
-    keeps no entry (the model's delta is dropped)."""
+    keeps no entry (the model's delta is dropped). A density mergekit cannot use (NaN; a
+    negative one for DARE's bernoulli draw) is a MergeError starting with ``where``."""
+    if math.isnan(density):
+        raise MergeError(f"{where}: density is NaN")
     if kind is None or density >= 1:
         return density
     if kind == "random":
-        return max(density, 0.0)
+        if density < 0:
+            raise MergeError(f"{where}: DARE density {density} is negative (a keep "
+                             "probability is in [0, 1])")
+        return density
     if density <= 0 or int(density * numel) > 0:
         return density if density > 0 else None
     if kind == "band":  # magnitude_outliers keeps int(density * n) entries, here none

@@ -25,6 +25,8 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v[0]: k for k, v in SAFETENSORS_DTYPES.items()}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+#: float8 codes: read (and merged in float32), never written by a merge
+FLOAT8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from mergecore.plan import (
     PlannedTensor,
     build_plan,
     distinct_input_bytes,
+    shape_plan,
     structure_problems,
 )
 
@@ -243,6 +244,9 @@ class _StagePlanner:
         self.problems = Problems()
         self.opened: dict[str, Checkpoint] = {}
         self.failed: set[str] = set()  # stages that could not be planned
+        # failed stages whose output is known all the same (only parameters missing): later
+        # documents are checked against it
+        self.shapes: dict[str, MergePlan] = {}
 
     def _stage_refs(self, cfg: MergeConfig) -> tuple[list[ModelRef], list[ModelRef]]:
         """(references to other stages, references to model directories)."""
@@ -283,12 +287,13 @@ class _StagePlanner:
                                   f"intermediate stage {ref.path!r} is not supported (apply "
                                   "it to that stage's inputs instead)")
                 stages_ok = False
-            if ref.path in self.failed:
+            if ref.path in self.failed and ref.path not in self.shapes:
                 stages_ok = False  # its problems are reported under its own document
         checkpoints = {r.path: self.opened[r.path] for r in file_refs if r.path in self.opened}
         if stages_ok:
             for ref in stage_refs:
-                checkpoints[ref.path] = stage_checkpoint(ref.path, plans[ref.path])
+                checkpoints[ref.path] = stage_checkpoint(
+                    ref.path, plans[ref.path] if ref.path in plans else self.shapes[ref.path])
         if not (inputs_ok and stages_ok):
             if stages_ok:  # some inputs did not open: check what the others show
                 for line in structure_problems(cfg, checkpoints,
@@ -304,6 +309,10 @@ class _StagePlanner:
             for line in exc.problems:
                 self.problems.add(label, line)
             self.failed.add(cfg.name)
+            if cfg.name is not None:
+                shape = shape_plan(cfg, checkpoints, allow_crimes=self.allow_crimes)
+                if shape is not None:
+                    self.shapes[cfg.name] = shape
             return None
 
 
