@@ -235,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mergecore.resume import resume_hint
 
         what = f"interrupted ({exc})" if str(exc) else "interrupted"
-        kept = resume_hint(args.out_dir) if args.command == "merge" else "nothing was kept"
+        kept = (resume_hint(args.out_dir) if args.command == "merge" else
+                "the generated families are kept (--keep)" if getattr(args, "keep", False)
+                else "nothing was kept")
         print(f"mergecore: {what}; no output was finalized; {kept}", file=sys.stderr)
         return exit_status(exc)
     except (ValueError, OSError, RuntimeError) as exc:

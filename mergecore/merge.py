@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,9 +357,11 @@ def run_plan(plan: MergePlan, out_dir: Path, options: MergeOptions, *, yaml_text
             writer = StreamingWriter(out_dir, shards, manifest_extra=extra, completed=completed,
                                      keep_complete_on_os_error=True)
             stats = MergePipeline(work, reader, faults.wrap_writer(writer), pipe_options).run()
+            finish_start = time.perf_counter()
             side_files = write_side_files(out_dir, plan, options, yaml_text=yaml_text,
                                           tokenizer_source=tokenizer_source)
             files = writer.finalize(side_files)
+            stats.add_finish(time.perf_counter() - finish_start)
     except BaseException as exc:
         if writer is not None:  # no-op once finalized
             if keeps_progress(exc):

@@ -68,8 +68,12 @@ def test_quick_bench_vs_mergekit_writes_table_json_and_chart(tmp_path):
     assert _positive(vs["mergecore_peak_rss_bytes"])
     if importlib.util.find_spec("matplotlib"):
         assert Path(result["meta"]["chart"]).stat().st_size > 1000
-    # the generated family is removed (not --keep), the JSON stays
+    # the generated family and its YAML are removed (not --keep), the JSON stays
     assert not list((tmp_path / "work").glob("family-*"))
+    assert not list((tmp_path / "work").glob("bench-*.yml"))
+    assert run["models"] == 3 and run["pipeline_stats"]["finish"] > 0
+    assert run["stages"]["write"]["seconds"] == pytest.approx(
+        run["pipeline_stats"]["write_busy"] + run["pipeline_stats"]["finish"])
 
 
 def test_direct_file_roofs_rewrite_and_read_the_file_through_o_direct(tmp_path):
@@ -153,7 +157,11 @@ def test_disk_need_is_checked_before_anything_is_written(tmp_path, capsys):
                  "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "not enough disk space" in err and str(tmp_path / "w") in err
-    assert not any((tmp_path / "w").iterdir())
+    assert not (tmp_path / "w").exists()  # made for the run, removed with nothing in it
+    (tmp_path / "given").mkdir()
+    assert main(["bench", str(tmp_path / "given"), "--shape", "llama-70b", "--layers", "100000",
+                 "--quiet"]) == 1
+    assert not any((tmp_path / "given").iterdir())  # a DIR that existed stays
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
@@ -278,3 +286,90 @@ def test_torch_eager_baselines_compute_the_method(method):
         assert abs(float(delta_got / delta_want) - 1) < 0.15
     else:
         torch.testing.assert_close(want, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--io-size", "0"], "argument --io-size: a size must be positive"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--project-layers", "-5"], "argument --project-layers: must be at least 1, got -5"),
+    (["--dtype", "foo"], "argument --dtype: unknown dtype 'foo'"),
+    (["--backends", "foo"], "--backends: unknown backend 'foo'"),
+    (["--backends", "triton"], "--backends triton runs on a GPU"),
+    (["--project", "--skip", "e2e"], "--project needs the end-to-end merges"),
+    (["--project-layers", "9"], "--project-layers needs --project"),
+    (["--project"], "the tiny preset's depth (2) is not deeper than the 4-layer run"),
+    (["--json", "."], "is a directory; name a file"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_flags_that_would_be_ignored_or_fail_late_are_errors_before_any_work(
+        tmp_path, capsys, args, message):
+    work = tmp_path / "w"
+    try:
+        code = main(["bench", str(work), "--quick", "--quiet", *args])
+    except SystemExit as exc:  # a usage error from argparse
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err
+    assert not work.exists() or not any(work.iterdir())
+
+
+def test_a_file_as_dir_is_named(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert main(["bench", str(tmp_path / "f"), "--quick", "--quiet"]) == 1
+    assert f"DIR {str(tmp_path / 'f')!r} is not a directory" in capsys.readouterr().err
+
+
+def test_an_interrupted_generation_or_removal_never_leaves_a_family_that_looks_complete(
+        tmp_path, monkeypatch):
+    from mergecore import synthetic
+
+    def partial(path, **kw):
+        Path(path, "base").mkdir(parents=True)
+        Path(path, "base", "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "make_bench_family", partial)
+    with pytest.raises(KeyboardInterrupt):
+        e2e.ensure_family(tmp_path, "tiny", 1)
+    assert not e2e.family_dir(tmp_path, "tiny", 1).exists()
+
+    family = e2e.family_dir(tmp_path, "tiny", 2)
+    (family / "base").mkdir(parents=True)
+    (family / "COMPLETE").write_text("")
+
+    def stopped(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e.shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        e2e.remove_family(family)
+    assert not e2e.family_ready(family)  # the next run regenerates it
+
+
+def test_the_json_is_written_even_when_the_chart_cannot_be(tmp_path):
+    out = tmp_path / "r.json"
+    proc = _bench([str(tmp_path / "w"), "--quick", "--skip", "roofs,kernels", "--json",
+                   str(out), "--quiet"], env=dict(os.environ, MPLBACKEND="no-such-backend"))
+    assert proc.returncode == 0, proc.stderr
+    assert "(no chart:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["meta"]["chart"] is None and result["e2e"][0]["models"] == 3
+
+
+def test_progress_steps_count_only_the_parts_that_run():
+    import argparse
+
+    from mergecore.benchmark.command import _step_count, add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--quick", "--skip", "kernels,roofs", "--project",
+                              "--project-layers", "8"])
+    assert _step_count(args) == 4  # generate + merge, at two depths
+    args = parser.parse_args(["bench", "--quick", "--skip", "e2e", "--kernel-methods", "linear"])
+    assert _step_count(args) == 1 + 2  # roofs + one method at the two kernel shapes
+
+
+@pytest.mark.parametrize("method,count", [("linear", 2), ("slerp", 2), ("ties", 3)])
+def test_the_models_a_method_reads_are_counted(method, count, tmp_path):
+    dirs = [tmp_path / n for n in e2e.MODEL_NAMES]
+    assert e2e.models_read(method, dirs) == count

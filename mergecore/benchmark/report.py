@@ -155,6 +155,8 @@ def _pyplot() -> Any:
     except ImportError as exc:
         raise NoChart(f"matplotlib cannot be imported ({exc}): pip install matplotlib to "
                       "draw one") from exc
+    except Exception as exc:
+        raise NoChart(f"matplotlib cannot start ({type(exc).__name__}: {exc})") from exc
     return plt
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import yaml
@@ -187,6 +188,7 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
                                     completed=state.completed, keep_complete_on_os_error=True)
             router = RoutingWriter(faults.wrap_writer(final), writers)
             stats = MergePipeline(work, reader, router, pipe_options).run()
+            finish_start = time.perf_counter()
             for s in inter:
                 names = write_side_files(keep / s.title, s.plan, options,
                                          yaml_text=yaml.safe_dump(docs[s.index], sort_keys=False),
@@ -196,6 +198,7 @@ def _run_locked(recipe: RecipePlan, out_dir: Path, options: MergeOptions, lock: 
                                      tokenizer_source=source,
                                      template_dirs=sorted(input_directories(recipe.tensors)))
             files = final.finalize(names)
+            stats.add_finish(time.perf_counter() - finish_start)
     except BaseException as exc:
         for s in inter:
             writers[s.title].abort()  # no-op once finalized
