@@ -136,13 +136,16 @@ def run_budget(tensors: Sequence[WorkItem], adapters: PlanAdapters | None,
 
 
 class _Stage(threading.Thread):
-    """A worker thread that records the first exception it hits."""
+    """A worker thread that records the first exception it hits, and says when its work is
+    over (``finished``: ``is_alive`` cannot be trusted after an interrupted ``join``, which
+    Python 3.11 marks as stopped while the thread still runs)."""
 
     def __init__(self, name: str, target: Callable[[], None], on_error: Callable[[], None]):
         super().__init__(name=name, daemon=True)
         self._target_fn = target
         self._on_error = on_error
         self.error: BaseException | None = None
+        self.finished = threading.Event()
 
     def run(self) -> None:
         try:
@@ -150,6 +153,8 @@ class _Stage(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self.error = exc
             self._on_error()
+        finally:
+            self.finished.set()
 
 
 def _as_tensor(buf: torch.Tensor, info: TensorInfo, rows: int | None) -> torch.Tensor:
@@ -232,7 +237,7 @@ class MergePipeline:
     def _write_all(self) -> None:
         while True:
             entry = self._to_write.get()
-            if entry is _DONE:
+            if entry is _DONE or self._stop.is_set():  # done, or stopped by an error/signal
                 return
             name, out, event, nbytes, recycle = entry
             if event is not None:  # waiting for the GPU is not write time
@@ -410,6 +415,21 @@ class MergePipeline:
         self._to_compute.put(_DONE)
         self._to_write.put(_DONE)
 
+    def _join_stages(self, stages: list[_Stage]) -> BaseException | None:
+        """Wait for the stage threads to end, also when Ctrl-C or SIGTERM interrupts the wait
+        (they raise in this thread): the stages are then told to stop and waited for again,
+        so no worker outlives the run (a daemon thread still inside a C++ call when the
+        interpreter exits aborts the process). Returns that interruption, to re-raise."""
+        interrupted: BaseException | None = None
+        for stage in stages:
+            while not stage.finished.is_set():
+                try:
+                    stage.finished.wait()
+                except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+                    interrupted = interrupted or exc
+                    self._fail()
+        return interrupted
+
     def run(self) -> PipelineStats:
         """Execute the whole plan; re-raises the first error of any stage."""
         start = time.perf_counter()
@@ -427,11 +447,10 @@ class MergePipeline:
             self._fail()
         finally:
             self._to_write.put(_DONE)
-            reader.join()
-            writer.join()
+            interrupted = self._join_stages([reader, writer])
             if self._adapters is not None:
                 self._adapters.close()
-        for err in (compute_error, reader.error, writer.error):
+        for err in (compute_error, interrupted, reader.error, writer.error):
             if err is not None:
                 raise err
         self.stats.wall = time.perf_counter() - start

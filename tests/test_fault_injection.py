@@ -315,3 +315,57 @@ def test_a_stop_while_the_chat_template_is_written_keeps_only_the_shards(
     manifest = _assert_nothing_looks_complete(out)
     assert {p.name for p in out.iterdir()} == {e["file"] for e in manifest["shards"]} | {
         MANIFEST_NAME}
+
+
+def test_an_interruption_while_waiting_for_the_writer_stops_every_stage_thread(
+        setup, tmp_path):
+    """Ctrl-C (or SIGTERM) raised while the main thread waits for the writer stage: the
+    stages are stopped and joined before the interruption propagates. A worker left running
+    as a daemon thread inside a C++ call aborted the process at exit ('terminate called
+    without an active exception', exit -6 instead of 143)."""
+    import threading
+
+    from mergecore.config import load_merge
+    from mergecore.io import StreamingWriter, TensorReader, plan_shards
+    from mergecore.pipeline import MergePipeline, PipelineOptions
+
+    config, _ = setup
+    plan = load_merge(config)
+    shards = plan_shards([(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors], 1 << 30)
+    main_id = threading.main_thread().ident
+
+    class WaitingWriter:
+        """Interrupts the main thread once it waits in Thread.join, then keeps writing."""
+
+        def __init__(self, inner):
+            self.inner, self.fired, self.calls_done = inner, False, 0
+
+        def write(self, name, data):
+            if not self.fired:
+                self.fired = True
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    frame = sys._current_frames().get(main_id)
+                    names = set()
+                    while frame is not None:
+                        names.add(frame.f_code.co_name)
+                        frame = frame.f_back
+                    if "_join_stages" in names or "join" in names:
+                        break
+                    time.sleep(0.005)
+                signal.pthread_kill(main_id, signal.SIGINT)  # wakes the blocked wait
+                time.sleep(1.0)  # still busy when the interruption arrives
+            self.inner.write(name, data)
+            self.calls_done += 1
+
+    with TensorReader() as reader:
+        writer = StreamingWriter(tmp_path / "out", shards)
+        waiting = WaitingWriter(writer)
+        with pytest.raises(KeyboardInterrupt):
+            MergePipeline(plan, reader, waiting, PipelineOptions()).run()
+        # the writer stage got to the end of its work before the interruption came out (its
+        # thread cannot be asked: Python 3.11 marks a thread whose join was interrupted as
+        # stopped); the stage was told to stop, so it wrote less than the whole plan
+        finished = waiting.calls_done
+        writer.abort()
+    assert 1 <= finished < len(plan.tensors)
