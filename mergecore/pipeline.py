@@ -489,8 +489,11 @@ def _locate_non_finite(exc: NonFiniteError, items: list[_Item]) -> NonFiniteErro
         order = ([base] if base is not None else []) + [
             k for k in range(len(planned.inputs)) if k != base]
         inp = planned.inputs[order[exc.input_index]]
+        where = f"file {str(inp.info.file)!r}, tensor {inp.info.name!r}"
+        if inp.adapter is not None:  # the weight from the file, or the adapter's update
+            where += f", with the LoRA update of adapter {inp.adapter!r}"
         return NonFiniteError(
             f"tensor {exc.tensor!r}: input {inp.model!r} has {exc.count} NaN/Inf value(s) out "
-            f"of {exc.numel} (file {str(inp.info.file)!r}, tensor {inp.info.name!r})",
+            f"of {exc.numel} ({where})",
             tensor=exc.tensor, input_index=exc.input_index, count=exc.count, numel=exc.numel)
     return exc

@@ -153,17 +153,40 @@ def test_update_of_the_common_vocabulary_rows_is_the_cut_full_update(models):
             assert torch.equal(cut, full[:100])
 
 
-def test_bin_adapter_gives_the_same_result(models, tmp_path):
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip-bin", "legacy-bin"])
+def test_bin_adapter_gives_the_same_result(models, tmp_path, zipfile):
+    """adapter_model.bin in torch's zip format (memory-mapped) or its legacy format (which
+    mmap cannot map; PEFT loads it, so does mergecore)."""
     from safetensors.torch import load_file
 
     src = models["full"]
     dst = tmp_path / "ad-bin"
     dst.mkdir()
     shutil.copy(src / "adapter_config.json", dst)
-    torch.save(load_file(str(src / "adapter_model.safetensors")), dst / "adapter_model.bin")
+    torch.save(load_file(str(src / "adapter_model.safetensors")), dst / "adapter_model.bin",
+               _use_new_zipfile_serialization=zipfile)
     state = load_state(models["base"])
     a, b = apply_lora(state, src), apply_lora(state, dst)
     assert all(torch.equal(a[k], b[k]) for k in state)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_an_adapter_whose_init_changes_the_base_is_refused_naming_the_key(init):
+    from mergecore.lora.settings import AdapterConfigError, parse_settings
+
+    with pytest.raises(AdapterConfigError, match=f"init_lora_weights = '{init}'.*convert"):
+        parse_settings({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                        "init_lora_weights": init}, "cfg")
+    for harmless in (True, False, "gaussian", "eva", "orthogonal"):
+        parse_settings({"r": 4, "lora_alpha": 8, "init_lora_weights": harmless}, "cfg")
+
+
+def test_r_and_lora_alpha_left_out_take_peft_defaults():
+    from mergecore.lora.settings import parse_settings
+
+    settings = parse_settings({"peft_type": "LORA", "r": 4}, "cfg")
+    assert settings.lora_alpha == 8 and settings.scale("q_proj") == 2.0
+    assert parse_settings({"peft_type": "LORA"}, "cfg").r == 8
 
 
 # ----- through `mergecore merge` ----------------------------------------------------------------

@@ -294,6 +294,27 @@ def test_a_stage_missing_a_parameter_still_checks_the_documents_that_use_it(
         p for p in info.value.problems if "layer_range" in p]
 
 
+def test_an_adapter_on_a_model_an_earlier_stage_opened_is_still_checked(family, tmp_path):
+    """The second document adds an adapter to the model the first one already opened: the
+    adapter is checked against that model (an adapter trained for another hidden size was
+    let through, and failed only mid-merge)."""
+    from mergecore.synthetic import make_lora_adapter
+
+    base, _, _ = family
+    (other,) = make_family(tmp_path / "wide", n_models=1, hidden=96, layers=LAYERS, vocab=256,
+                           dtype=torch.float32)
+    wrong = make_lora_adapter(other, tmp_path / "wrong", r=4, alpha=8)
+    docs = [{"name": "s1", "merge_method": "linear", **DTYPES,
+             "models": [{"model": base, "parameters": {"weight": 1.0}}]},
+            {"merge_method": "linear", **DTYPES,
+             "models": [{"model": "s1", "parameters": {"weight": 0.5}},
+                        {"model": f"{base}+{wrong}", "parameters": {"weight": 0.5}}]}]
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write_recipe(tmp_path / "r.yml", docs))
+    msg = str(info.value)
+    assert "document 2 (final)" in msg and str(wrong) in msg and "q_proj" in msg
+
+
 def test_cycle_and_lora_on_a_stage_are_refused(family, tmp_path):
     base, ft1, _ = family
     cyc = [{"name": "x", "merge_method": "linear", "models": [

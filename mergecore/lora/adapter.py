@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -128,6 +128,17 @@ class LoraUpdate:
 # ----- reading the weight file -----------------------------------------------------------------
 
 
+def _load_bin(path: Path) -> Any:
+    """A ``.bin`` state dict, memory-mapped when it is in torch's zip format, read whole when
+    it is in the legacy format (``_use_new_zipfile_serialization=False``) mmap cannot map."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class _Weights:
     """Shapes of the adapter's tensors (from the header alone) and reads of single tensors."""
 
@@ -142,7 +153,7 @@ class _Weights:
             self.shapes = {k: (i.shape, i.is_float) for k, i in self.infos.items()}
         else:
             try:
-                self._bin = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self._bin = _load_bin(path)
             except Exception as exc:  # noqa: BLE001 - any unpickling failure
                 raise AdapterError(f"LoRA adapter weights {str(path)!r} cannot be loaded: "
                                    f"{exc}") from None
@@ -308,8 +319,13 @@ class LoraAdapter:
         out = []
         for target, edit in self.edits.items():
             if target not in tensors:
+                tied = (target.endswith("lm_head.weight")
+                        and any(n.endswith("embed_tokens.weight") for n in tensors))
+                hint = (" (its output layer is tied to the input embeddings; an adapter that "
+                        "changes lm_head of a tied model is not supported: it would change "
+                        "the shared embedding matrix)") if tied else ""
                 out.append(f"{self._edit_keys(edit)} target tensor {target!r}, which the "
-                           "model does not have")
+                           f"model does not have{hint}")
                 continue
             shape, is_float = tensors[target]
             if not is_float:

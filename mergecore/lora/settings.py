@@ -104,8 +104,18 @@ def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     return None
 
 
+#: PEFT's LoraConfig defaults for the numbers a config may leave out.
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
+
+#: ``init_lora_weights`` values with which PEFT, loading the adapter, derives the initial
+#: factors from the base weight and subtracts their product from it (PiSSA, CorDA, OLoRA,
+#: ASTRA, LoftQ): the saved factors only fit that modified base. PEFT converts such an
+#: adapter to a plain one with ``save_pretrained(path_initial_model_for_weight_conversion=...)``.
+BASE_CHANGING_INITS = ("pissa", "corda", "astra", "olora", "loftq")
+
+
 def _number(raw: dict, key: str, where: str, *, integer: bool) -> Any:
-    value = raw.get(key)
+    value = raw.get(key, PEFT_DEFAULTS.get(key))
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or value <= 0 or not math.isfinite(value):
         kind = "a positive integer" if integer else "a positive number"
@@ -144,6 +154,13 @@ def parse_settings(raw: Any, where: str) -> LoraSettings:
         if not known and not _is_off(value):
             problems.append(f"unknown key {key!r} = {value!r} (a feature mergecore does not "
                             "know; it may change the merged weights)")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        problems.append(f"init_lora_weights = {init!r}: PEFT rebuilds such an adapter's starting "
+                        "point from the base weights and changes the base when it loads it, "
+                        "which mergecore does not reproduce; convert the adapter with PEFT "
+                        "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) "
+                        "and merge the converted one")
     bias = raw.get("bias", "none")
     if bias not in (None, "none", "all", "lora_only"):
         problems.append(f"bias = {bias!r}: expected 'none', 'all' or 'lora_only'")

@@ -39,6 +39,7 @@ from mergecore.config.schema import (
     stage_dependencies,
 )
 from mergecore.io.types import Checkpoint, TensorInfo
+from mergecore.lora import adapter_problems
 from mergecore.plan import (
     MergePlan,
     PlannedInput,
@@ -244,6 +245,7 @@ class _StagePlanner:
         self.problems = Problems()
         self.opened: dict[str, Checkpoint] = {}
         self.failed: set[str] = set()  # stages that could not be planned
+        self.adapters_checked: set[tuple[str, str]] = set()  # (model path, adapter)
         # failed stages whose output is known all the same (only parameters missing): later
         # documents are checked against it
         self.shapes: dict[str, MergePlan] = {}
@@ -267,11 +269,18 @@ class _StagePlanner:
                         + ", ".join(sorted(self.names)) + ")") if self.names else ""
             self.problems.add(label, line + hint)
         ok = not local
+        self.adapters_checked.update((r.path, r.adapter) for r in todo if r.adapter)
         for r in refs:  # adapters on models already opened for an earlier document
-            if (r not in todo and r.adapter is not None
-                    and not Path(r.adapter).expanduser().exists()):
-                self.problems.add(label, f"model {r.ref!r}: LoRA adapter path {r.adapter!r} "
-                                  "does not exist")
+            if (r in todo or r.adapter is None or r.path not in self.opened
+                    or (r.path, r.adapter) in self.adapters_checked):
+                continue
+            self.adapters_checked.add((r.path, r.adapter))
+            if not Path(r.adapter).expanduser().exists():
+                lines = [f"LoRA adapter path {r.adapter!r} does not exist"]
+            else:
+                lines = adapter_problems(r.adapter, self.opened[r.path])
+            for line in lines:
+                self.problems.add(label, f"model {r.ref!r}: {line}")
                 ok = False
         return ok
 
