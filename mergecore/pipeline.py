@@ -135,6 +135,10 @@ def run_budget(tensors: Sequence[WorkItem], adapters: PlanAdapters | None,
     return auto_budget(largest_held(tensors, adapters), available_memory())
 
 
+#: How long a stopped run waits for its stage threads to end before it gives up on them.
+STOP_WAIT_SECONDS = 60.0
+
+
 class _Stage(threading.Thread):
     """A worker thread that records the first exception it hits, and says when its work is
     over (``finished``: ``is_alive`` cannot be trusted after an interrupted ``join``, which
@@ -415,19 +419,29 @@ class MergePipeline:
         self._to_compute.put(_DONE)
         self._to_write.put(_DONE)
 
-    def _join_stages(self, stages: list[_Stage]) -> BaseException | None:
+    def _join_stages(self, stages: list[_Stage],
+                     interrupted: BaseException | None = None) -> BaseException | None:
         """Wait for the stage threads to end, also when Ctrl-C or SIGTERM interrupts the wait
         (they raise in this thread): the stages are then told to stop and waited for again,
         so no worker outlives the run (a daemon thread still inside a C++ call when the
-        interpreter exits aborts the process). Returns that interruption, to re-raise."""
-        interrupted: BaseException | None = None
+        interpreter exits aborts the process). A second interruption, or stages that have
+        not stopped ``STOP_WAIT_SECONDS`` after the first, end the wait: the user asked
+        twice, or a stage is stuck. ``interrupted``: the run was already interrupted (in the
+        compute stage). Returns the interruption, to re-raise."""
+        deadline = None if interrupted is None else time.monotonic() + STOP_WAIT_SECONDS
         for stage in stages:
             while not stage.finished.is_set():
                 try:
-                    stage.finished.wait()
+                    if deadline is None:
+                        stage.finished.wait()
+                    elif not stage.finished.wait(max(0.0, deadline - time.monotonic())):
+                        return interrupted  # not stopped in time: leave it (a daemon)
                 except BaseException as exc:  # noqa: BLE001 - re-raised by run()
-                    interrupted = interrupted or exc
+                    if interrupted is not None:
+                        return interrupted
+                    interrupted = exc
                     self._fail()
+                    deadline = time.monotonic() + STOP_WAIT_SECONDS
         return interrupted
 
     def run(self) -> PipelineStats:
@@ -447,10 +461,12 @@ class MergePipeline:
             self._fail()
         finally:
             self._to_write.put(_DONE)
-            interrupted = self._join_stages([reader, writer])
+            interrupted = self._join_stages(
+                [reader, writer],
+                compute_error if isinstance(compute_error, KeyboardInterrupt) else None)
             if self._adapters is not None:
                 self._adapters.close()
-        for err in (compute_error, interrupted, reader.error, writer.error):
+        for err in (compute_error, interrupted, reader.error, writer.error):  # first wins
             if err is not None:
                 raise err
         self.stats.wall = time.perf_counter() - start

@@ -369,3 +369,44 @@ def test_an_interruption_while_waiting_for_the_writer_stops_every_stage_thread(
         finished = waiting.calls_done
         writer.abort()
     assert 1 <= finished < len(plan.tensors)
+
+
+def test_a_second_interruption_ends_the_wait_for_a_stuck_stage(setup, tmp_path):
+    """A stage that does not stop (here a writer blocked on an event) cannot hold the run:
+    the second Ctrl-C ends the wait and the first interruption propagates."""
+    import threading
+
+    from mergecore.config import load_merge
+    from mergecore.io import StreamingWriter, TensorReader, plan_shards
+    from mergecore.pipeline import MergePipeline, PipelineOptions
+
+    config, _ = setup
+    plan = load_merge(config)
+    shards = plan_shards([(t.name, t.out_dtype, tuple(t.shape)) for t in plan.tensors], 1 << 30)
+    main_id = threading.main_thread().ident
+    release = threading.Event()
+
+    class StuckWriter:
+        def __init__(self, inner):
+            self.inner, self.fired = inner, False
+
+        def write(self, name, data):
+            if not self.fired:
+                self.fired = True
+                for _ in range(2):  # two Ctrl-C, the second while the run waits for us
+                    time.sleep(0.3)
+                    signal.pthread_kill(main_id, signal.SIGINT)
+                release.wait(60)
+            self.inner.write(name, data)
+
+    with TensorReader() as reader:
+        writer = StreamingWriter(tmp_path / "out", shards)
+        start = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                MergePipeline(plan, reader, StuckWriter(writer), PipelineOptions()).run()
+            assert time.monotonic() - start < 20
+        finally:
+            release.set()
+            time.sleep(0.2)
+            writer.abort()
