@@ -123,6 +123,25 @@ def _check_loads(out_dir: Path) -> float:
     return float(logits.abs().max())
 
 
+#: The file that marks a directory as the demo's own (a rerun may replace what is in it).
+DEMO_MARKER = ".mergecore-demo"
+
+
+def _claim_directory(work: Path) -> None:
+    """Make ``work`` the demo's directory: absent, empty, or a directory an earlier demo run
+    made (its marker file is there). Anything else is refused before anything is written:
+    the demo replaces the models, adapters, YAML files and outputs it writes."""
+    if work.exists() and not work.is_dir():
+        raise ValueError(f"demo directory {str(work)!r} is not a directory")
+    if work.is_dir() and any(work.iterdir()) and not (work / DEMO_MARKER).is_file():
+        raise ValueError(f"demo directory {str(work)!r} is not empty and was not made by "
+                         "`mergecore demo` (the demo replaces what it writes there); give an "
+                         "empty or new directory")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / DEMO_MARKER).write_text("made by `mergecore demo`; a rerun replaces this "
+                                    "directory's models, adapters, recipes and outputs\n")
+
+
 def run_demo(directory: str | None = None, *, quiet: bool = False, layers: int = 4,
              hidden: int = 256) -> int:
     """Generate, merge, verify; returns a process exit status."""
@@ -133,8 +152,9 @@ def run_demo(directory: str | None = None, *, quiet: bool = False, layers: int =
     from mergecore.units import human_bytes
 
     hf_logging.disable_progress_bar()
-    work = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="mergecore-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = (Path(directory) if directory
+            else Path(tempfile.mkdtemp(prefix="mergecore-demo-"))).absolute()
+    _claim_directory(work)
     say = (lambda *a: None) if quiet else print
     start = time.perf_counter()
     models = make_family(work / "models", arch="llama", n_models=7, hidden=hidden,

@@ -23,22 +23,59 @@ class MergeInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+#: ``handle_termination``'s state: how deep ``interrupts_deferred`` blocks are nested, and a
+#: signal that arrived inside one (raised when the outermost block ends).
+_deferred = {"depth": 0, "pending": None}
+
+
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else MergeInterrupted(signum)
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
-    raise MergeInterrupted(signum)
+    if _deferred["depth"]:
+        if _deferred["pending"] is None:
+            _deferred["pending"] = signum
+        return
+    raise _interruption(signum)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Within the block, a SIGINT or SIGTERM (under ``handle_termination``) is held back and
+    raised when the block ends without an error of its own. Python raises a signal's
+    exception between any two bytecodes of the main thread, also between taking a lock
+    and the ``try`` that releases it (inside ``queue.Queue``, ``threading.Condition``): a
+    lock left held hangs the merge's other threads, and then the merge. Code that takes
+    locks in the main thread while a merge runs does it in such a block."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    except BaseException:
+        _deferred["depth"] -= 1
+        raise
+    _deferred["depth"] -= 1
+    if not _deferred["depth"] and _deferred["pending"] is not None:
+        signum, _deferred["pending"] = _deferred["pending"], None
+        raise _interruption(signum)
 
 
 @contextlib.contextmanager
 def handle_termination() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``MergeInterrupted`` in the main thread (no-op when
-    called from another thread, where Python cannot install signal handlers)."""
+    """Within the block, SIGTERM raises ``MergeInterrupted`` and SIGINT ``KeyboardInterrupt``
+    in the main thread, held back inside ``interrupts_deferred`` blocks (no-op when called
+    from another thread, where Python cannot install signal handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = {sig: signal.signal(sig, _raise_interrupted)
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _deferred["pending"] = None
 
 
 def keeps_progress(exc: BaseException) -> bool:

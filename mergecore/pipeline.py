@@ -32,6 +32,7 @@ from mergecore.budget import ByteBudget, auto_budget, available_memory
 from mergecore.buffer_pool import BufferPool
 from mergecore.dtypes import FLOAT8_DTYPES, parse_dtype
 from mergecore.errors import NonFiniteError
+from mergecore.interrupt import interrupts_deferred
 from mergecore.io.types import SAFETENSORS_DTYPES, TensorInfo
 from mergecore.lora.inputs import PlanAdapters, apply_updates, updates_to
 from mergecore.ops import make_job, merge_many
@@ -392,32 +393,45 @@ class MergePipeline:
         nbytes = n * dtype.itemsize
         return self.pool.take(nbytes, phase=phase).view(dtype).reshape(shape)
 
+    def _next_item(self) -> Any:
+        """The next item from the reader; a Ctrl-C / SIGTERM comes out between waits, never
+        while the queue's lock is held (``interrupts_deferred``)."""
+        while True:
+            with interrupts_deferred():
+                try:
+                    return self._to_compute.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
     def _compute_all(self) -> None:
         pending: _Item | None = None
         while True:
-            item = pending if pending is not None else self._to_compute.get()
+            item = pending if pending is not None else self._next_item()
             pending = None
             if item is _DONE:
                 return
-            batch = [item]
-            elements = _numel(item)
-            while len(batch) < self.options.batch_tensors and elements < self.options.batch_elements:
-                try:
-                    nxt = self._to_compute.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _DONE or elements + _numel(nxt) > self.options.batch_elements:
-                    pending = nxt
-                    break
-                batch.append(nxt)
-                elements += _numel(nxt)
-            self._compute_batch(batch)
+            with interrupts_deferred():  # queues, the pool and the budget take locks
+                batch = [item]
+                elements = _numel(item)
+                while (len(batch) < self.options.batch_tensors
+                       and elements < self.options.batch_elements):
+                    try:
+                        nxt = self._to_compute.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _DONE or elements + _numel(nxt) > self.options.batch_elements:
+                        pending = nxt
+                        break
+                    batch.append(nxt)
+                    elements += _numel(nxt)
+                self._compute_batch(batch)
 
     def _fail(self) -> None:
-        self._stop.set()
-        self.budget.close()
-        self._to_compute.put(_DONE)
-        self._to_write.put(_DONE)
+        with interrupts_deferred():
+            self._stop.set()
+            self.budget.close()
+            self._to_compute.put(_DONE)
+            self._to_write.put(_DONE)
 
     def _join_stages(self, stages: list[_Stage],
                      interrupted: BaseException | None = None) -> BaseException | None:
@@ -430,11 +444,10 @@ class MergePipeline:
         compute stage). Returns the interruption, to re-raise."""
         deadline = None if interrupted is None else time.monotonic() + STOP_WAIT_SECONDS
         for stage in stages:
-            while not stage.finished.is_set():
+            while not stage.finished.is_set():  # polled: is_set takes no lock
                 try:
-                    if deadline is None:
-                        stage.finished.wait()
-                    elif not stage.finished.wait(max(0.0, deadline - time.monotonic())):
+                    time.sleep(0.02)  # a signal raising here leaves no lock held
+                    if deadline is not None and time.monotonic() > deadline:
                         return interrupted  # not stopped in time: leave it (a daemon)
                 except BaseException as exc:  # noqa: BLE001 - re-raised by run()
                     if interrupted is not None:
@@ -460,10 +473,16 @@ class MergePipeline:
             compute_error = exc
             self._fail()
         finally:
-            self._to_write.put(_DONE)
+            late: BaseException | None = None
+            try:
+                with interrupts_deferred():
+                    self._to_write.put(_DONE)
+            except KeyboardInterrupt as exc:  # held back in the put: stop, then wait
+                late = exc
+                self._fail()
             interrupted = self._join_stages(
                 [reader, writer],
-                compute_error if isinstance(compute_error, KeyboardInterrupt) else None)
+                compute_error if isinstance(compute_error, KeyboardInterrupt) else late)
             if self._adapters is not None:
                 self._adapters.close()
         for err in (compute_error, interrupted, reader.error, writer.error):  # first wins

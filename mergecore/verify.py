@@ -124,6 +124,12 @@ def _check_weights(out_dir: Path, report: VerifyReport) -> list[str]:
         except (SafetensorsError, OSError) as exc:
             report.failed(f"{name}: bad safetensors header: {exc}")
             continue
+        if infos:  # the data section ends where the last tensor does (safetensors refuses
+            end = max(i.data_start + i.nbytes for i in infos.values())  # trailing bytes)
+            size = path.stat().st_size
+            if size != end:
+                report.failed(f"{name}: {size - end} byte(s) after the last tensor's data "
+                              "(safetensors refuses to load the file)")
         tensors_seen += len(infos)
         data_bytes += sum(i.nbytes for i in infos.values())
         if weight_map is not None:
@@ -221,6 +227,10 @@ def _check_side_files(out_dir: Path, doc: dict[str, Any], report: VerifyReport,
     """Every side file the manifest records (config.json, tokenizer, card, YAML) and the
     index: present, and of the recorded size and sha256."""
     recorded = _recorded_side_files(doc)
+    if recorded is None and doc.get("finalized") is False:
+        report.failed(f"{MANIFEST_NAME} shows a merge that was not finalized (its side files "
+                      "and index were never recorded)")
+        return
     if recorded is None:
         report.note(f"{MANIFEST_NAME} records no side files (written by an older mergecore): "
                     "config.json, the tokenizer and the index not checked against it")
@@ -313,7 +323,8 @@ def _check_tokenizer(out_dir: Path, report: VerifyReport) -> None:
 def _unfinished_progress(out_dir: Path) -> tuple[int, int] | None:
     """``(complete shards, planned shards)`` when the manifest of ``out_dir`` shows a merge
     that did not finish: the file it ends with (the index it names, or its only shard when it
-    names none) is absent. None for a finished output, or with no readable manifest."""
+    names none) is absent, or the manifest says it was not finalized. None for a finished
+    output, or with no readable manifest."""
     try:
         doc = read_manifest(out_dir)
     except ResumeError:
@@ -321,6 +332,8 @@ def _unfinished_progress(out_dir: Path) -> tuple[int, int] | None:
     if doc is None or not doc["shards"]:
         return None
     entries = [e for e in doc["shards"] if isinstance(e, dict)]
+    if doc.get("finalized") is False:  # stopped after its last shard, before the side files
+        return sum(1 for e in entries if e.get("done") is True), len(doc["shards"])
     index = doc.get("index")
     if isinstance(index, str) and index:
         last = index

@@ -410,3 +410,34 @@ def test_a_second_interruption_ends_the_wait_for_a_stuck_stage(setup, tmp_path):
             release.set()
             time.sleep(0.2)
             writer.abort()
+
+
+def test_verify_fails_a_one_shard_output_stopped_before_it_was_finalized(
+        setup, tmp_path, monkeypatch, capsys):
+    """One shard (most models up to a few GB): a stop after the shard is complete and before
+    the side files are recorded left an output that verify passed, since the only shard
+    existed; the manifest now says whether the output was finalized."""
+    from mergecore import output_files
+
+    config, _ = setup
+    out = tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(output_files, "write_model_card", stopped)
+        assert main(["merge", str(config), str(out), "--quiet", "--out-shard-size", "0",
+                     "--random-seed", SEED]) == 130
+    capsys.readouterr()
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["complete"] is True and manifest["finalized"] is False
+    report = verify_output(out)
+    assert not report.ok
+    assert any("not finalized" in p for p in report.problems)
+    assert any("--resume" in text for kind, text in report.lines if kind == "hint")
+    assert main(["merge", str(config), str(out), "--quiet", "--out-shard-size", "0",
+                 "--random-seed", SEED, "--resume"]) == 0
+    report = verify_output(out)
+    assert report.ok, report.problems
+    assert json.loads((out / MANIFEST_NAME).read_text())["finalized"] is True

@@ -149,7 +149,7 @@ def test_other_files_the_merge_did_not_write_are_noted(copy):
 def test_a_manifest_without_side_file_records_is_noted(copy):
     """Outputs of mergecore versions that did not record side files still verify."""
     doc = json.loads((copy / MANIFEST_NAME).read_text())
-    del doc["side_files"], doc["index_sha256"]
+    del doc["side_files"], doc["index_sha256"], doc["finalized"]
     (copy / MANIFEST_NAME).write_text(json.dumps(doc))
     (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
     report = verify_output(copy)
@@ -182,6 +182,17 @@ def test_output_without_manifest_is_checked_without_checksums(copy, capsys):
     (copy / MANIFEST_NAME).unlink()
     assert main(["verify", str(copy)]) == 0
     assert "checksums not checked" in capsys.readouterr().out
+
+
+def test_bytes_after_the_last_tensor_fail_also_without_a_manifest(copy, capsys):
+    """A mergekit output has no manifest (no sizes, no checksums): bytes appended to a shard
+    are still found, as safetensors refuses such a file."""
+    (copy / MANIFEST_NAME).unlink()
+    shard = sorted(copy.glob("model-*.safetensors"))[1]
+    with open(shard, "ab") as fh:
+        fh.write(b"xyz")
+    assert main(["verify", str(copy)]) == 1
+    assert f"{shard.name}: 3 byte(s) after the last tensor's data" in capsys.readouterr().out
 
 
 def test_incomplete_manifest_and_missing_directory(copy, tmp_path):

@@ -523,6 +523,9 @@ class StreamingWriter:
                 "version": 1,
                 **self.manifest_extra,
                 "complete": all(s.done for s in self.shards),
+                # every file of the output written and recorded (finalize): until then the
+                # output is unfinished even when all of its shards are complete
+                "finalized": self._side_files is not None,
                 "index": self.plan.index_filename,
                 "shards": [
                     {"file": s.final_path.name, "tensors": len(s.tensors), "bytes": s.size,
