@@ -89,7 +89,7 @@ def _out_dtype(out_dtype: torch.dtype | str | None, default: torch.dtype,
             raise MergeTypeError(f"tensor {name!r}: out_dtype: {exc}") from None
     if not isinstance(dtype, torch.dtype) or dtype not in OUT_DTYPES:
         raise MergeTypeError(f"tensor {name!r}: out_dtype {dtype} is not supported (bfloat16, "
-                             "float16, float32, or float64 with float64 inputs)")
+                             "float16, float32 or float64)")
     return dtype
 
 
