@@ -347,10 +347,18 @@ def _unfinished_progress(out_dir: Path) -> tuple[int, int] | None:
 
 
 def _hint_if_interrupted(out_dir: Path, report: VerifyReport) -> None:
-    """A hint line when the manifest shows an interrupted merge that --resume can finish."""
+    """A hint line when the manifest shows an interrupted merge that --resume can finish,
+    or that a merge is writing the output right now (it holds the output's lock)."""
+    from mergecore.out_lock import OutputLock
+
     progress = _unfinished_progress(out_dir)
     if progress is None:
         return
+    with OutputLock(out_dir) as lock:
+        if lock.busy():
+            report.hint("a mergecore merge is writing this output right now: verify it "
+                        "again once that merge has finished")
+            return
     done, total = progress
     report.hint(f"the manifest shows {done} of {total} shards done: this merge was "
                 "interrupted; run the same `mergecore merge ... --resume` to finish it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -236,6 +237,15 @@ def test_an_interrupted_merge_gets_a_resume_hint(merged, tmp_path, monkeypatch, 
     assert "FAIL  no weights" in text
     report = verify_output(out)
     assert len(report.problems) == 2  # the hint is not counted as a problem
+    # while a merge holds the output's lock (is writing it), verify says so instead
+    from mergecore.out_lock import OutputLock
+
+    with OutputLock(out) as lock:
+        assert lock.acquire()
+        held = subprocess.run([sys.executable, "-m", "mergecore", "verify", str(out), "-q"],
+                              capture_output=True, text=True, check=False, timeout=120)
+    assert "a mergecore merge is writing this output right now" in held.stdout
+    assert "--resume" not in held.stdout
 
 
 def test_hint_for_shards_done_but_index_missing_and_none_for_finished_output(copy, merged):
