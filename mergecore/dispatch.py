@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from mergecore.dtypes import KERNEL_DTYPES
 from mergecore.methods import METHODS
 
 BACKEND_MODULES = {
@@ -77,8 +78,7 @@ def backend_name(method: str, device: torch.device | str, dtype: torch.dtype,
     ``out_dtype`` (default: ``dtype``). float64 inputs or outputs are the reference
     backend's (the kernels read and write bfloat16, float16 and float32), whatever
     ``MERGECORE_BACKEND`` says."""
-    kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    if dtype not in kernel_dtypes or (out_dtype is not None and out_dtype not in kernel_dtypes):
+    if dtype not in KERNEL_DTYPES or (out_dtype is not None and out_dtype not in KERNEL_DTYPES):
         return "reference"
     forced = forced_backend()
     if forced is not None:

@@ -191,15 +191,12 @@ def make_job(
     return job
 
 
-_NATIVE_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
     """How many NaN/Inf values each tensor holds: one C++ pass over the contiguous CPU tensors
     of the kernel dtypes (when the extension is built), torch for the rest."""
     counts: list[int | None] = [None] * len(tensors)
     native = [k for k, t in enumerate(tensors)
-              if t.device.type == "cpu" and t.dtype in _NATIVE_FLOATS and t.is_contiguous()]
+              if t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and t.is_contiguous()]
     prims = dispatch.load_backend("cpu") if native else None
     if prims is not None:
         for k, c in zip(native, prims.count_nonfinite_many([tensors[k] for k in native])):

@@ -765,17 +765,8 @@ def structure_problems(config: MergeConfig, checkpoints: Mapping[str, Checkpoint
 
     A config too broken to plan gives no problems rather than an exception; a BlockMerge
     config gives none. Reads no tensor data."""
-    if config.blockmerge is not None or config.merge_method not in METHODS:
-        return []
-    planner = _Planner(config, checkpoints, out_dtype=None, allow_crimes=allow_crimes,
-                       report_parameters=report_parameters, skip_unopened=True)
-    try:
-        planner.run(None)
-    except ConfigError as exc:
-        return exc.problems
-    except Exception:  # noqa: BLE001 - half-checked config (_Unplannable ...): the caller's
-        return []      # own problems are reported
-    return []
+    return _lenient_plan(config, checkpoints, allow_crimes=allow_crimes,
+                         report_parameters=report_parameters, skip_unopened=True)[1]
 
 
 def shape_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
@@ -786,14 +777,27 @@ def shape_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
     output in the same run. Unresolved parameters are None: the plan is for checking, never
     for merging. None when the headers show problems too (or the config cannot be planned
     at all). Reads no tensor data."""
+    return _lenient_plan(config, checkpoints, allow_crimes=allow_crimes,
+                         report_parameters=False, skip_unopened=False)[0]
+
+
+def _lenient_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *,
+                  allow_crimes: bool, report_parameters: bool, skip_unopened: bool
+                  ) -> tuple[MergePlan | None, list[str]]:
+    """A planner run for checking (``structure_problems``, ``shape_plan``): (the plan, or
+    None; the problems it found). A BlockMerge config or an unknown method gives (None, []),
+    and so does a config too broken to plan (_Unplannable ...): the caller's own problems
+    are reported."""
     if config.blockmerge is not None or config.merge_method not in METHODS:
-        return None
+        return None, []
     planner = _Planner(config, checkpoints, out_dtype=None, allow_crimes=allow_crimes,
-                       report_parameters=False)
+                       report_parameters=report_parameters, skip_unopened=skip_unopened)
     try:
-        return planner.run(None)
-    except Exception:  # noqa: BLE001 - ConfigError, or a config too broken to plan
-        return None
+        return planner.run(None), []
+    except ConfigError as exc:
+        return None, exc.problems
+    except Exception:  # noqa: BLE001 - half-checked config
+        return None, []
 
 
 __all__ = [

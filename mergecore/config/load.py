@@ -34,28 +34,36 @@ def open_checkpoints(models: Iterable[ModelRef],
     configs are read.
     """
     from mergecore.io.checkpoint import open_checkpoint
-    from mergecore.lora import adapter_problems
 
     own = problems is None
     problems = Problems() if problems is None else problems
     out: dict[str, Checkpoint] = {}
     failed: set[str] = set()
     for ref in models:
-        if ref.adapter is not None and not Path(ref.adapter).expanduser().exists():
-            problems.add(f"model {ref.ref!r}", f"LoRA adapter path {ref.adapter!r} does not "
-                         "exist")
         if ref.path not in out and ref.path not in failed:
             try:
                 out[ref.path] = open_checkpoint(ref.path)
             except (ValueError, OSError) as exc:  # CheckpointError, SafetensorsError
                 failed.add(ref.path)
                 problems.add(f"model {ref.ref!r}", str(exc))
-        if ref.adapter is not None and ref.path in out and Path(ref.adapter).expanduser().exists():
-            for line in adapter_problems(ref.adapter, out[ref.path]):
-                problems.add(f"model {ref.ref!r}", line)
+        for line in adapter_ref_problems(ref, out.get(ref.path)):
+            problems.add(f"model {ref.ref!r}", line)
     if own:
         problems.raise_if_any()
     return out
+
+
+def adapter_ref_problems(ref: ModelRef, checkpoint: Checkpoint | None) -> list[str]:
+    """What is wrong with the LoRA adapter of ``ref`` (none without one): a path that does
+    not exist, or an adapter that does not fit ``checkpoint`` (not checked when the model did
+    not open). Reads headers and configs only."""
+    from mergecore.lora import adapter_problems
+
+    if ref.adapter is None:
+        return []
+    if not Path(ref.adapter).expanduser().exists():
+        return [f"LoRA adapter path {ref.adapter!r} does not exist"]
+    return adapter_problems(ref.adapter, checkpoint) if checkpoint is not None else []
 
 
 def input_problems(parsed: list[tuple[Any, MergeConfig | None]], *,

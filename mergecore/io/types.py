@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from mergecore.dtypes import FLOAT8_DTYPES
+
 # safetensors dtype code -> (torch dtype, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
@@ -25,8 +27,8 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v[0]: k for k, v in SAFETENSORS_DTYPES.items()}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-#: float8 codes: read (and merged in float32), never written by a merge
-FLOAT8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
+#: float8 codes (``mergecore.dtypes.FLOAT8_DTYPES``): read, merged in float32, never written
+FLOAT8_CODES = frozenset(TORCH_TO_SAFETENSORS[dt] for dt in FLOAT8_DTYPES)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergecore.config.errors import ConfigError, Problems
-from mergecore.config.load import open_checkpoints
+from mergecore.config.load import adapter_ref_problems, open_checkpoints
 from mergecore.config.schema import (
     MergeConfig,
     ModelRef,
@@ -39,7 +39,6 @@ from mergecore.config.schema import (
     stage_dependencies,
 )
 from mergecore.io.types import Checkpoint, TensorInfo
-from mergecore.lora import adapter_problems
 from mergecore.plan import (
     MergePlan,
     PlannedInput,
@@ -275,11 +274,7 @@ class _StagePlanner:
                     or (r.path, r.adapter) in self.adapters_checked):
                 continue
             self.adapters_checked.add((r.path, r.adapter))
-            if not Path(r.adapter).expanduser().exists():
-                lines = [f"LoRA adapter path {r.adapter!r} does not exist"]
-            else:
-                lines = adapter_problems(r.adapter, self.opened[r.path])
-            for line in lines:
+            for line in adapter_ref_problems(r, self.opened[r.path]):
                 self.problems.add(label, f"model {r.ref!r}: {line}")
                 ok = False
         return ok
